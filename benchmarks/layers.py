@@ -1,0 +1,8 @@
+"""Layer benchmark script; same as `structlin bench`. See src/structlin/bench.py."""
+
+import sys
+
+from structlin.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Structured linear layers. Every class honours :class:`StructuredLinear`'s contract."""
+
+from .base import Factor, StructuredLinear, mup_init_std
+from .block_diag import BlockDiagLinear
+from .btt import BTTLinear
+from .dense import DenseLinear
+from .factorize import balanced_factors, plan_factors
+from .kron import KronLinear
+from .low_rank import LowRankLinear
+from .monarch import MonarchLinear
+from .registry import (
+    get_structure,
+    list_structures,
+    make_linear,
+    parse_spec,
+    register_structure,
+    structure_options,
+)
+from .tt import TTLinear
+
+__all__ = [
+    "BTTLinear",
+    "BlockDiagLinear",
+    "DenseLinear",
+    "Factor",
+    "KronLinear",
+    "LowRankLinear",
+    "MonarchLinear",
+    "StructuredLinear",
+    "TTLinear",
+    "balanced_factors",
+    "get_structure",
+    "list_structures",
+    "make_linear",
+    "mup_init_std",
+    "parse_spec",
+    "plan_factors",
+    "register_structure",
+    "structure_options",
+]

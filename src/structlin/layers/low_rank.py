@@ -1,0 +1,75 @@
+"""``low_rank``: ``W = V U`` with ``U: d_in -> r`` and ``V: r -> d_out``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import StructuredLinear, _check_positive_int
+from .registry import register_structure
+
+__all__ = ["LowRankLinear"]
+
+
+@register_structure("low_rank")
+class LowRankLinear(StructuredLinear):
+    """Rank-``r`` layer ``y = (x U^T) V^T + b``.
+
+    Args:
+        rank: ``r``; default ``ceil(sqrt(min(d_in, d_out)))``, the paper's default, which gives a
+            square ``d`` layer the same cost as a rank-1 BTT (``2 d^{3/2}``). Must be at most
+            ``min(d_in, d_out)``.
+
+    Factors: ``U`` ``(r, d_in)`` (fan-in ``d_in``, fan-out ``r``), then ``V`` ``(d_out, r)``
+    (fan-in ``r``, fan-out ``d_out``). Params = FLOPs = ``r (d_in + d_out)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        rank: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, **kwargs)
+        full = min(in_features, out_features)
+        if rank is None:
+            rank = math.ceil(math.sqrt(full))
+        rank = _check_positive_int(self._name(), "rank", rank)
+        if rank > full:
+            raise ValueError(
+                f"{self._name()}: rank must be at most min(in_features, out_features) = {full}, "
+                f"got {rank}; use structure 'dense' for a full-rank layer"
+            )
+        self.rank = rank
+        self.U = nn.Parameter(torch.empty(rank, in_features, **self._factory))
+        self.V = nn.Parameter(torch.empty(out_features, rank, **self._factory))
+        self._finish_init()
+
+    def _factor_fans(self) -> list[tuple[str, int, int]]:
+        return [("U", self.in_features, self.rank), ("V", self.rank, self.out_features)]
+
+    def _reference_matmul(self, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        u, v = weights
+        return F.linear(F.linear(x, u), v)
+
+    def _matmul(
+        self, x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        u, v = weights
+        return F.linear(F.linear(x, u), v, bias)
+
+    def _from_dense_padded(self, weight: torch.Tensor) -> None:
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        root = s[: self.rank].sqrt()
+        self.V.copy_(u[:, : self.rank] * root)
+        self.U.copy_(root[:, None] * vh[: self.rank])
+
+    def _options_repr(self) -> str:
+        return f"rank={self.rank}"

@@ -1,0 +1,70 @@
+"""``monarch``: Monarch matrices (Dao et al., 2022) with ``b`` blocks, on the BTT kernel."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .base import _check_positive_int
+from .btt import BTTLinear
+from .registry import register_structure
+
+__all__ = ["MonarchLinear"]
+
+
+@register_structure("monarch")
+class MonarchLinear(BTTLinear):
+    """Monarch matrix ``W = P_2 R P_1 L`` with ``b`` dense blocks in each factor.
+
+    Block-diagonal ``L`` (``b`` blocks ``in_blk -> h``), a fixed permutation, block-diagonal ``R``
+    (``b`` blocks ``h -> out_blk``), with ``in_blk = ceil(d_in / b)``, ``out_blk = ceil(d_out / b)``
+    and hidden block width ``h = min(in_blk, out_blk)`` rounded up to a multiple of ``b``.
+    This is exactly a 2-core :class:`BTTLinear` with ``in_factors=(b, in_blk)``,
+    ``out_factors=(b, out_blk)`` and rank ``h / b``, so it runs on the same kernel. Widths that
+    ``b`` does not divide are zero-padded to ``b * ceil(d / b)`` (no tolerance applies).
+
+    Params = FLOPs per example = ``b * h * (in_blk + out_blk)``, about ``2 d^2 / b`` for square
+    ``d`` (``b = 4``: half of dense).
+
+    Args:
+        blocks: ``b`` (default 4, the paper's setting), at most ``min(d_in, d_out)``.
+
+    Factors: ``cores.0`` ``(b, h, in_blk)`` (fan-in ``in_blk``, fan-out ``h``) and ``cores.1``
+    ``(b, out_blk, h)`` (fan-in ``h``, fan-out ``out_blk``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        blocks: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        name = f"{type(self).__name__}(in_features={in_features}, out_features={out_features})"
+        _check_positive_int(name, "in_features", in_features)
+        _check_positive_int(name, "out_features", out_features)
+        b = _check_positive_int(name, "blocks", blocks)
+        if b > min(in_features, out_features):
+            raise ValueError(
+                f"{name}: blocks must be at most min(in_features, out_features) = "
+                f"{min(in_features, out_features)}, got {b}"
+            )
+        in_blk = math.ceil(in_features / b)
+        out_blk = math.ceil(out_features / b)
+        self.blocks = b
+        super().__init__(
+            in_features,
+            out_features,
+            bias,
+            cores=2,
+            rank=math.ceil(min(in_blk, out_blk) / b),
+            in_factors=(b, in_blk),
+            out_factors=(b, out_blk),
+            pad_tolerance=math.inf,
+            **kwargs,
+        )
+
+    def _options_repr(self) -> str:
+        return f"blocks={self.blocks}, hidden={self.blocks * self.rank}"

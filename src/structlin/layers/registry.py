@@ -1,0 +1,166 @@
+"""String-to-class registry of structures, in the style of timm's model registry.
+
+``make_linear("btt:rank=4,cores=3", 768, 3072)`` builds a layer from a spec string; the same
+options may be given as keyword arguments, which take precedence over the string.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .base import StructuredLinear
+
+__all__ = [
+    "get_structure",
+    "list_structures",
+    "make_linear",
+    "parse_spec",
+    "register_structure",
+    "structure_options",
+]
+
+_REGISTRY: dict[str, type[StructuredLinear]] = {}
+_COMMON = {"in_features", "out_features", "bias", "device", "dtype", "self"}
+
+T = TypeVar("T", bound=type[StructuredLinear])
+
+
+def register_structure(name: str) -> Callable[[T], T]:
+    """Class decorator: register a :class:`StructuredLinear` subclass under ``name``."""
+
+    def deco(cls: T) -> T:
+        if not (isinstance(cls, type) and issubclass(cls, StructuredLinear)):
+            raise TypeError(
+                f"register_structure({name!r}) expects a StructuredLinear subclass, got {cls!r}"
+            )
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(
+                f"structure {name!r} is already registered to {_REGISTRY[name].__name__}"
+            )
+        cls.structure = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_structures(pattern: str = "*") -> list[str]:
+    """Registered structure names matching the fnmatch ``pattern``, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_structure(name: str) -> type[StructuredLinear]:
+    """The class registered as ``name``; a ValueError lists the valid names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown structure {name!r}; valid structures are: {', '.join(list_structures())}"
+        ) from None
+
+
+def _keyword_options(fn: Callable) -> list[str]:
+    params = inspect.signature(fn).parameters
+    return [
+        n
+        for n, p in params.items()
+        if n not in _COMMON and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+
+def structure_options(cls: type[StructuredLinear]) -> list[str]:
+    """Names of the keyword options of ``cls``: its own, then those every structure has
+    (``norm``, ``learn_gamma``)."""
+    own = _keyword_options(cls.__init__)
+    return own + [n for n in _keyword_options(StructuredLinear.__init__) if n not in own]
+
+
+def _parse_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if "x" in low and all(part.isdigit() for part in low.split("x")):
+        return tuple(int(part) for part in low.split("x"))  # "24x32" -> (24, 32)
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text.strip()
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split ``"btt:rank=4,cores=3"`` into ``("btt", {"rank": 4, "cores": 3})``.
+
+    Values are read as Python literals; ``24x32`` is a tuple of ints; anything else is a string.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"expected a structure spec such as 'btt:rank=4', got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    options: dict[str, Any] = {}
+    if rest.strip():
+        for item in _split_options(rest):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(
+                    f"bad option {item!r} in structure spec {spec!r}; expected key=value pairs "
+                    f"separated by commas, e.g. 'btt:rank=4,cores=3'"
+                )
+            options[key.strip()] = _parse_value(value)
+    return name.strip(), options
+
+
+def _split_options(text: str) -> list[str]:
+    # Commas inside brackets belong to a value: "in_factors=(24,32),rank=2".
+    items, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if "".join(cur).strip():
+        items.append("".join(cur))
+    return [i for i in items if i.strip()]
+
+
+def make_linear(
+    spec: str | type[StructuredLinear],
+    in_features: int,
+    out_features: int,
+    bias: bool = True,
+    **kwargs: Any,
+) -> StructuredLinear:
+    """Build a structured layer from a name, a spec string or a class.
+
+    Example::
+
+        make_linear("btt:rank=4", 768, 3072)
+        make_linear("low_rank", 768, 768, rank=32, bias=False)
+        make_linear(BTTLinear, 768, 3072, cores=3)
+    """
+    if isinstance(spec, type):
+        if not issubclass(spec, StructuredLinear):
+            raise ValueError(f"make_linear expects a StructuredLinear subclass, got {spec!r}")
+        cls, options = spec, {}
+    else:
+        name, options = parse_spec(spec)
+        cls = get_structure(name)
+    options.update(kwargs)
+    valid = structure_options(cls)
+    factory = {k: options.pop(k) for k in ("device", "dtype") if k in options}
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for structure {cls.structure or cls.__name__!r}; "
+            f"valid options are: {', '.join(valid) if valid else '(none)'}"
+        )
+    return cls(in_features, out_features, bias, **factory, **options)

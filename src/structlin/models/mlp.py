@@ -1,0 +1,95 @@
+"""The paper's residual MLP for images (Qiu et al. 2024; reference notes §4.1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MLP"]
+
+
+def _dense_init(linear: nn.Linear, zero: bool = False) -> None:
+    # μP-style dense init: std = fan_in^-1/2, bias 0; zero for readouts and residual outputs.
+    with torch.no_grad():
+        if zero:
+            linear.weight.zero_()
+        else:
+            linear.weight.normal_(0.0, linear.in_features**-0.5)
+        if linear.bias is not None:
+            linear.bias.zero_()
+
+
+class Block(nn.Module):
+    """Pre-LN residual block ``x + fc2(GELU(fc1(LN(x))))`` with expansion ``e`` (4 in the paper)."""
+
+    def __init__(self, width: int, expansion: int = 4, bias: bool = True) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, expansion * width, bias=bias)
+        self.fc2 = nn.Linear(expansion * width, width, bias=bias)
+        _dense_init(self.fc1)
+        _dense_init(self.fc2, zero=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class MLP(nn.Module):
+    """Residual MLP: flatten, (fixed pixel permutation), input layer + GELU, ``depth`` pre-LN
+    blocks, zero-initialised linear head.
+
+    Args:
+        in_features: flattened input size (3072 for 32x32 RGB).
+        num_classes: output size.
+        width: residual width ``w``; the main knob. Blocks expand to ``expansion * w``.
+        depth: number of residual blocks (3 for the paper's scaling laws, 2 for its μP checks).
+        shuffle_pixels: apply a fixed random permutation (seed 42) to the flattened input, as the
+            paper does to remove any spatial prior.
+        bias: learn biases in the linear layers.
+
+    Module names: ``input_layer``, ``blocks.{i}.fc1``, ``blocks.{i}.fc2``, ``head``.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 3072,
+        num_classes: int = 10,
+        width: int = 64,
+        depth: int = 3,
+        *,
+        expansion: int = 4,
+        shuffle_pixels: bool = True,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        if shuffle_pixels:
+            perm = torch.from_numpy(np.random.default_rng(42).permutation(in_features))
+        else:
+            perm = torch.arange(in_features)
+        self.register_buffer("perm", perm, persistent=False)
+        self.shuffle_pixels = shuffle_pixels
+        self.input_layer = nn.Linear(in_features, width, bias=bias)
+        self.blocks = nn.ModuleList(Block(width, expansion, bias) for _ in range(depth))
+        self.head = nn.Linear(width, num_classes, bias=bias)
+        _dense_init(self.input_layer)
+        _dense_init(self.head, zero=True)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        if x.shape[1] != self.in_features:
+            raise ValueError(
+                f"MLP expects inputs with {self.in_features} features after flattening, "
+                f"got {x.shape[1]}"
+            )
+        if self.shuffle_pixels:
+            x = x[:, self.perm]
+        x = F.gelu(self.input_layer(x))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
