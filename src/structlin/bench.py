@@ -1,9 +1,14 @@
 """Layer benchmark: forward+backward time of every structure against ``nn.Linear``.
 
-All candidates of one shape are built in one process and timed round-robin (one step of each in
-turn, repeated), so slow drifts of a shared machine hit every candidate alike; medians are
-reported. A step is ``y = layer(x); y.backward(g)`` with fresh gradients, ``x`` requiring grad as
-it would inside a network.
+All candidates of one shape are built in one process and timed in rounds: in each round every
+candidate runs ``inner`` consecutive steps (default 3, timed together, so each structure is
+measured in its steady state as ``torch.utils.benchmark`` would), and the rounds interleave the
+candidates so that slow drifts of a shared machine hit all of them alike. The median over rounds
+of the per-step time is reported, and the time ratio to dense is the median over rounds of the
+ratio within each round (paired, so a slow round does not bias it). ``inner=1`` gives a strict
+round-robin in which every step starts with caches full of another candidate's data. A step is
+``y = layer(x); y.backward(g)`` with fresh gradients, ``x`` requiring grad as it would inside a
+network.
 
 Efficiency of a structure = ``(t_dense / t_struct) / (flops_dense / flops_struct)``: 1.0 means
 every FLOP saved is saved time; 0.5 means half of the saving is lost to overheads.
@@ -108,6 +113,7 @@ def run_benchmark(
     ranks: list[int],
     *,
     repeats: int = 9,
+    inner: int = 3,
     warmup: int = 2,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -130,15 +136,17 @@ def run_benchmark(
                 for name, step in steps.items():
                     _sync(device)
                     t0 = time.perf_counter()
-                    step()
+                    for _ in range(inner):
+                        step()
                     _sync(device)
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append((time.perf_counter() - t0) / inner)
             med = {name: statistics.median(ts) for name, ts in times.items()}
-            t_dense = med["dense"]
             for name, (_, rank, flops) in cands.items():
                 structure = name.split(":")[0]
                 flop_ratio = (d * d) / flops
-                time_ratio = t_dense / med[name]
+                time_ratio = statistics.median(
+                    td / ts for td, ts in zip(times["dense"], times[name], strict=True)
+                )
                 naive = f"btt_naive:r={rank}"
                 speedup = med[naive] / med[name] if structure == "btt" else None
                 row = BenchRow(
@@ -211,7 +219,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--batch", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--d", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--rank", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--repeats", type=int, default=9, help="rounds (median over rounds)")
+    p.add_argument("--inner", type=int, default=3, help="consecutive steps per candidate per round")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/layers.json"))

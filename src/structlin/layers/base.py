@@ -164,6 +164,9 @@ class StructuredLinear(nn.Module):
 
     def _finish_init(self) -> None:
         """Create the weight-norm gains (if any) and initialise; call at the end of ``__init__``."""
+        # Fans are fixed once the factors exist; plain Python data, cached to keep forward lean.
+        self._fans = tuple(self._factor_fans())
+        self._paths = tuple(tuple(name.split(".")) for name, _, _ in self._fans)
         if self.norm is not None and self.learn_gamma:
             self.gammas = nn.ParameterList(
                 nn.Parameter(torch.ones((), **self._factory)) for _ in self._factor_fans()
@@ -176,21 +179,26 @@ class StructuredLinear(nn.Module):
     def factors(self) -> list[Factor]:
         """One :class:`Factor` record per learnable factor, in forward order."""
         return [
-            Factor(name, self._lookup(name), fan_in, fan_out)
-            for name, fan_in, fan_out in self._factor_fans()
+            Factor(name, t, fan_in, fan_out)
+            for (name, fan_in, fan_out), t in zip(self._fans, self._tensors(), strict=True)
         ]
 
-    def _lookup(self, name: str) -> torch.Tensor:
+    def _tensors(self) -> list[torch.Tensor]:
         # Attribute lookup rather than get_parameter: torch.func.functional_call and
         # parametrizations substitute plain tensors for the parameters.
-        owner, _, attr = name.rpartition(".")
-        return getattr(self.get_submodule(owner) if owner else self, attr)
+        out = []
+        for path in self._paths:
+            obj = self
+            for part in path:
+                obj = getattr(obj, part)
+            out.append(obj)
+        return out
 
     def _weights(self) -> list[torch.Tensor]:
         """The factor tensors the forward pass uses, in forward order (weight-normalised)."""
-        factors = self.factors()
         if self.norm is None:
-            return [f.tensor for f in factors]
+            return self._tensors()
+        factors = self.factors()
         out = []
         for i, f in enumerate(factors):
             sigma = mup_init_std(f.fan_in, f.fan_out)
@@ -265,7 +273,9 @@ class StructuredLinear(nn.Module):
         lead: torch.Size,
         reference: bool,
     ) -> torch.Tensor:
-        x = x.reshape(math.prod(lead), self.in_features)
+        flat = x.dim() != 2
+        if flat:  # 2-D inputs skip the reshapes (and their autograd nodes)
+            x = x.reshape(math.prod(lead), self.in_features)
         if self.in_padded != self.in_features:
             x = F.pad(x, (0, self.in_padded - self.in_features))
         padded_out = self.out_padded != self.out_features
@@ -279,7 +289,7 @@ class StructuredLinear(nn.Module):
             y = y[:, : self.out_features]
         if bias is not None:
             y = y + bias
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*lead, self.out_features) if flat else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y = x W^T + b`` for ``x`` of shape ``(..., in_features)``; ``W`` is never formed."""
