@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from . import __version__
@@ -54,10 +55,35 @@ def _cmd_coord_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import Trainer, load_config
+
+    config = load_config(args.config, args.set)
+    out = args.out or f"runs/{config.name}"
+    trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
+    result = trainer.fit()
+    print(json.dumps(result))
+    return 0 if result.get("status") in ("finished", "interrupted") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structlin", description=__doc__)
     parser.add_argument("--version", action="version", version=f"structlin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", nargs="?", help="YAML config (see configs/); defaults if omitted")
+    train.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. --set optim.lr=1e-3 model.width=256",
+    )
+    train.add_argument("--out", help="run directory (default runs/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="restart in an existing directory")
+    train.set_defaults(func=_cmd_train)
 
     info = sub.add_parser("info", help="list structures and their options")
     info.add_argument(
@@ -107,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"structlin: error: {err}", file=sys.stderr)
         return 2
 

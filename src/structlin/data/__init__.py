@@ -1,5 +1,21 @@
 """Dataset loaders that return plain numpy arrays, decoded once and cached on disk."""
 
 from .cifar import CifarArrays, load_cifar
+from .fashion_mnist import FashionMnistArrays, load_fashion_mnist
+from .loader import ImageBatch, TensorImageLoader
+from .text import CharTokenizer, TextData, get_batch, gpt2_encoding, load_openwebtext, prepare_text
 
-__all__ = ["CifarArrays", "load_cifar"]
+__all__ = [
+    "CharTokenizer",
+    "CifarArrays",
+    "FashionMnistArrays",
+    "ImageBatch",
+    "TensorImageLoader",
+    "TextData",
+    "get_batch",
+    "gpt2_encoding",
+    "load_cifar",
+    "load_fashion_mnist",
+    "load_openwebtext",
+    "prepare_text",
+]

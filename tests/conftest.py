@@ -1,4 +1,5 @@
-"""Layer-test fixtures: one intra-op thread per test (the suite runs under pytest-xdist)."""
+"""Test fixtures: one intra-op thread per test (the suite runs two pytest-xdist workers on
+two cores; tiny ops thrash with two intra-op threads each)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,194 @@
+import json
+import os
+import pickle
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from structlin.train import Trainer, TrainingDiverged, load_config
+from structlin.train.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory):
+    """A tiny CIFAR-10 in the official python format (learnable: class = brightest channel)."""
+    root = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        y = rng.integers(0, 3, n)
+        x = rng.integers(0, 100, (n, 3, 32, 32), dtype=np.uint8)
+        x[np.arange(n), y] += 120
+        return {b"data": x.reshape(n, 3072), b"labels": y.tolist()}
+
+    for i in range(1, 6):
+        (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch(64)))
+    (root / "test_batch").write_bytes(pickle.dumps(batch(96)))
+    names = [f"c{i}".encode() for i in range(10)]
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    return root
+
+
+def cfg(fake_cifar, tmp_path, *extra):
+    return load_config(
+        None,
+        [
+            "name=t",
+            "model.name=mlp",
+            "model.width=32",
+            "model.base_width=16",
+            "model.depth=1",
+            f"data.source={fake_cifar}",
+            f"data.root={tmp_path / 'cache'}",
+            "data.batch_size=32",
+            "data.eval_batch_size=50",
+            "optim.lr=3e-3",
+            "train.steps=12",
+            "train.eval_every=4",
+            "train.ckpt_every=4",
+            "train.progress=false",
+            "train.seed=1",
+            *extra,
+        ],
+    )
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_trains_logs_and_checkpoints(fake_cifar, tmp_path):
+    run = tmp_path / "run"
+    result = Trainer(cfg(fake_cifar, tmp_path, "structure.spec=btt"), run, log=None).fit()
+    assert result["status"] == "finished" and result["step"] == 12
+    r = rows(run)
+    assert [x["step"] for x in r] == [4, 8, 12]
+    for key in (
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "lr",
+        "epoch",
+        "samples_per_s",
+        "train_macs",
+    ):
+        assert key in r[-1]
+    assert r[-1]["train_macs"] == 3 * r[-1]["forward_macs_per_example"] * 12 * 32
+    assert r[-1]["lr"] < r[0]["lr"]  # cosine decay
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 12
+
+
+@pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)` has been overridden")
+def test_resume_reproduces_an_uninterrupted_run_exactly(fake_cifar, tmp_path):
+    full = tmp_path / "full"
+    Trainer(cfg(fake_cifar, tmp_path), full, log=None).fit()
+    part = tmp_path / "part"
+    t = Trainer(cfg(fake_cifar, tmp_path), part, log=None)
+    orig_step = t.optimizer.step
+
+    def stop_after_six(*a, **k):
+        out = orig_step(*a, **k)
+        if t.step == 5:  # the step counter is incremented right after optimizer.step
+            t._stop_signal = signal.SIGTERM
+        return out
+
+    t.optimizer.step = stop_after_six
+    assert t.fit()["status"] == "interrupted"
+    assert load_checkpoint(part / "checkpoints" / "last.pt")["step"] == 6
+    Trainer(cfg(fake_cifar, tmp_path), part, resume=True, log=None).fit()
+    a, b = rows(full), rows(part)
+    keys = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_macs")
+    assert [[x[k] for k in keys] for x in a] == [[x[k] for k in keys] for x in b]
+    wa = load_checkpoint(full / "checkpoints" / "last.pt")["model"]
+    wb = load_checkpoint(part / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)` has been overridden")
+def test_real_signal_saves_and_exits_cleanly(fake_cifar, tmp_path):
+    run = tmp_path / "sig"
+    t = Trainer(cfg(fake_cifar, tmp_path), run, log=None)
+    orig_step = t.optimizer.step
+
+    def send(*a, **k):
+        out = orig_step(*a, **k)
+        if t.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    t.optimizer.step = send
+    result = t.fit()
+    assert result["status"] == "interrupted" and result["step"] == 3
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)` has been overridden")
+def test_nan_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint(fake_cifar, tmp_path):
+    run = tmp_path / "nan"
+    t = Trainer(cfg(fake_cifar, tmp_path), run, log=None)
+    orig_step = t.optimizer.step
+
+    def poison(*a, **k):
+        out = orig_step(*a, **k)
+        if t.step == 4:  # after the step-5 update (checkpoint at step 4 exists)
+            with torch.no_grad():
+                t.model.input_layer.weight.fill_(float("nan"))
+        return out
+
+    t.optimizer.step = poison
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 6"):
+        t.fit()
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_run_directory_protection(fake_cifar, tmp_path):
+    run = tmp_path / "r"
+    Trainer(cfg(fake_cifar, tmp_path, "train.steps=4"), run, log=None).fit()
+    with pytest.raises(FileExistsError, match=r"--resume.*--overwrite"):
+        Trainer(cfg(fake_cifar, tmp_path, "train.steps=4"), run, log=None)
+    with pytest.raises(ValueError, match="different config"):
+        Trainer(
+            cfg(fake_cifar, tmp_path, "train.steps=4", "optim.lr=1e-2"), run, resume=True, log=None
+        )
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(cfg(fake_cifar, tmp_path), tmp_path / "empty", resume=True, log=None)
+    Trainer(cfg(fake_cifar, tmp_path, "train.steps=4"), run, overwrite=True, log=None).fit()
+    assert len(rows(run)) == 1
+
+
+def test_language_model_task(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    c = load_config(
+        None,
+        [
+            "task=lm",
+            "model.name=gpt2",
+            "model.width=32",
+            "model.base_width=16",
+            "model.depth=1",
+            "model.kwargs={d_head: 8}",
+            f"data.source={text}",
+            f"data.root={tmp_path / 'cache'}",
+            "data.tokenizer=char",
+            "data.block_size=16",
+            "data.batch_size=8",
+            "data.eval_batches=2",
+            "train.steps=30",
+            "train.eval_every=10",
+            "train.progress=false",
+            "optim.name=adamw",
+            "optim.lr=1e-2",
+        ],
+    )
+    Trainer(c, tmp_path / "lm", log=None).fit()
+    r = rows(tmp_path / "lm")
+    assert r[-1]["test_loss"] < r[0]["test_loss"] < np.log(30)
