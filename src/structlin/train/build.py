@@ -53,6 +53,12 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
 
     from ..data.loader import TensorImageLoader
 
+    if d.batch_size % world_size:
+        raise ValueError(
+            f"data.batch_size={d.batch_size} is the global batch and must divide evenly across "
+            f"{world_size} processes; use a multiple of {world_size}"
+        )
+
     if d.name in ("cifar10", "cifar100"):
         from ..data.cifar import load_cifar
 
@@ -76,7 +82,7 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
     train = TensorImageLoader(
         train_x,
         arrays.train_y,
-        batch_size=d.batch_size,
+        batch_size=d.batch_size // world_size,
         train=True,
         augment=d.augment,
         mixup_alpha=d.mixup,

@@ -6,6 +6,11 @@ global RNG states, the data loader's position and the running training statistic
 ``resume=True`` continues the same trajectory: on CPU in float32 an interrupted and resumed run
 ends with the same metrics as an uninterrupted one.
 
+Distributed data parallel: launch the same command under ``torchrun --nproc-per-node N``. Each
+process trains on its shard of every global batch (``data.batch_size`` is the global batch and
+must divide by N), gradients are averaged by DDP, and only rank 0 logs, writes metrics and
+checkpoints (the checkpoint carries every rank's data position).
+
 Compute is reported as training MACs so far: ``3 x forward MACs per example x examples seen``
 (forward plus the two backward products; MACs counted by ``FlopCounterMode`` on one example,
 the same convention as ``StructuredLinear.flops``).
@@ -38,10 +43,24 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def _resolve_device(name: str) -> torch.device:
+def _resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank >= 0:
+        return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def _init_distributed() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's environment; (0, 1, -1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, -1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
 class Trainer:
@@ -69,12 +88,14 @@ class Trainer:
         self.cfg = config
         self.out = Path(out_dir)
         self.ckpt_path = self.out / "checkpoints" / "last.pt"
-        self.log = log or (lambda _msg: None)
+        self.rank, self.world_size, local_rank = _init_distributed()
+        self.is_main = self.rank == 0
+        self.log = (log or (lambda _msg: None)) if self.is_main else (lambda _msg: None)
         self.resume = resume
         self._check_run_dir(overwrite)
-        self.device = _resolve_device(config.train.device)
+        self.device = _resolve_device(config.train.device, local_rank)
         seed_everything(config.train.seed)
-        self.data = build_data(config, self.device)
+        self.data = build_data(config, self.device, self.rank, self.world_size)
         self.model, self.base = build_model(config, self.data, self.device)
         self.optimizer = build_optimizer(config, self.model, self.base)
         self.total_steps = self._total_steps()
@@ -82,14 +103,21 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(o.schedule, self.total_steps, o.warmup_steps, o.min_lr_ratio)
         )
-        self.forward = torch.compile(self.model) if config.train.compile else self.model
+        self.forward = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids)
+        if config.train.compile:
+            self.forward = torch.compile(self.forward)
         self.macs_per_example = forward_macs(self.model, self._example())
         self.step = 0
         self.samples = 0
         self._running = {"loss": 0.0, "acc": 0.0, "n": 0}
         self._stop_signal: int | None = None
         if self.data.kind == "text":
-            self._gen = torch.Generator().manual_seed(config.train.seed)
+            self._gen = torch.Generator().manual_seed(config.train.seed + self.rank)
 
     # ------------------------------------------------------------------ set-up
     def _check_run_dir(self, overwrite: bool) -> None:
@@ -221,13 +249,36 @@ class Trainer:
             "config_hash": config_hash(self.cfg),
         }
         if self.data.kind == "text":
-            state["data"] = {"generator": self._gen.get_state()}
+            mine = {"generator": self._gen.get_state()}
         else:
-            state["data"] = self.data.train.state_dict()
+            mine = self.data.train.state_dict()
+        state["data"] = self._gather(mine)  # one entry per rank
         return state
 
+    def _gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t.tolist()
+
     def save(self) -> Path:
-        return save_checkpoint(self.ckpt_path, self._state())
+        """Write the checkpoint (collective under DDP: every rank must call it)."""
+        state = self._state()
+        if self.is_main:
+            save_checkpoint(self.ckpt_path, state)
+        return self.ckpt_path
 
     def _load(self) -> None:
         state = load_checkpoint(self.ckpt_path, map_location=self.device)
@@ -239,16 +290,24 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
+        if len(state["data"]) != self.world_size:
+            raise ValueError(
+                f"cannot resume {self.out}: it was written by {len(state['data'])} process(es), "
+                f"this run has {self.world_size}"
+            )
+        mine = state["data"][self.rank]
         if self.data.kind == "text":
-            self._gen.set_state(state["data"]["generator"])
+            self._gen.set_state(mine["generator"])
         else:
-            self.data.train.load_state_dict(state["data"])
+            self.data.train.load_state_dict(mine)
         self.step = state["step"]
         self.samples = state["samples"]
         self._running = dict(state["running"])
 
     # ------------------------------------------------------------------ loop
     def _write_metrics(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
@@ -260,11 +319,12 @@ class Trainer:
         """Train to ``total_steps``; returns the last metrics row (with ``status``)."""
         import yaml
 
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         if self.resume:
             self._load()
             self.log(f"resumed {self.out} at step {self.step}/{self.total_steps}")
-        else:
+        elif self.is_main:
             tmp = self.out / ".config.yaml.tmp"
             tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             os.replace(tmp, self.out / "config.yaml")
@@ -281,14 +341,21 @@ class Trainer:
     def _loop(self) -> dict[str, Any]:
         t = self.cfg.train
         batches = self._train_batches()
-        bar = _progress(self.total_steps, self.step, enabled=t.progress)
+        bar = _progress(self.total_steps, self.step, enabled=t.progress and self.is_main)
         last: dict[str, Any] = {"status": "finished", "step": self.step}
         t_start, samples_start = time.perf_counter(), self.samples
         self.model.train()
         while self.step < self.total_steps:
             x, targets, batch = next(batches)
             loss, acc = self._loss_and_acc(x, targets, batch)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if self.world_size > 1:  # decide together, or a lone rank would hang the others
+                flags = [float(not finite), float(self._stop_signal is not None)]
+                bad, stop = self._all_reduce(flags, "max")
+                finite = bad == 0.0
+                if stop and self._stop_signal is None:
+                    self._stop_signal = signal.SIGTERM
+            if not finite:
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at step {self.step + 1}; stopping. The last "
                     f"good checkpoint (if any) is {self.ckpt_path}. Lower optim.lr, enable "
@@ -302,7 +369,7 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             n = x.shape[0]
-            self.samples += n
+            self.samples += n * self.world_size
             self._running["loss"] += loss.item() * n
             self._running["acc"] += acc * n
             self._running["n"] += n
@@ -331,7 +398,10 @@ class Trainer:
         return last
 
     def _eval_row(self, samples_per_s: float) -> dict[str, Any]:
-        r = self._running
+        loss_sum, acc_sum, count = self._all_reduce(
+            [self._running["loss"], self._running["acc"], float(self._running["n"])]
+        )
+        r = {"loss": loss_sum, "acc": acc_sum, "n": count}
         row = {
             "step": self.step,
             "epoch": self.step / max(1, self.data.steps_per_epoch),
