@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow lint format bench clean
+.PHONY: venv test test-slow lint format bench demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ format: venv
 
 bench: venv
 	$(PY) benchmarks/layers.py
+
+# Fashion-MNIST comes from its official site or, where web downloads are blocked, from Debian's
+# dataset-fashion-mnist package (apt needs current package lists: apt-get update, as root).
+demo: venv
+	$(PY) -m structlin data fetch fashion_mnist || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    $(PY) -m structlin data fetch fashion_mnist; }
+	$(PY) -m structlin demo
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

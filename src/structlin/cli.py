@@ -13,14 +13,114 @@ __all__ = ["main"]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from .models import list_models
+
     print(f"structlin {__version__}")
     print("structures:")
     for name in list_structures():
         opts = ", ".join(structure_options(get_structure(name))) or "-"
         print(f"  {name:<11} options: {opts}")
+    print(f"models: {', '.join(list_models())}")
     if args.layer:
         spec, d_in, d_out = args.layer
         print(make_linear(spec, int(d_in), int(d_out)))
+    if args.config:
+        import torch
+
+        from .surgery import structurize
+        from .train.build import DataBundle, _make
+
+        cfg = _info_config(args)
+        shapes = {
+            "cifar10": ((3, 32, 32), 10),
+            "cifar100": ((3, 32, 32), 100),
+            "fashion_mnist": ((1, 28, 28), 10),
+        }
+        if cfg.task == "lm":
+            bundle = DataBundle("text", None, None, args.vocab)
+        else:
+            shape, classes = shapes.get(cfg.data.name, ((3, 32, 32), 10))
+            bundle = DataBundle("image", None, None, classes, shape)
+        with torch.device("meta"):
+            model = _make(cfg, cfg.model.width, bundle)
+        s = cfg.structure
+        spec = s.spec if s.spec != "dense" else "dense"
+        report = structurize(
+            model,
+            spec,
+            target_modules=s.target_modules,
+            exclude_modules=s.exclude_modules,
+            overrides=s.overrides,
+            dry_run=True,
+        )
+        print(
+            f"model {cfg.model.name} width {cfg.model.width} depth {cfg.model.depth}, "
+            f"structure {s.spec} (dry run):"
+        )
+        print(report)
+    return 0
+
+
+def _info_config(args: argparse.Namespace):
+    from .train import load_config
+
+    sets = list(args.set or [])
+    if not any(x.startswith(("train.steps=", "train.epochs=")) for x in sets):
+        import yaml
+
+        raw = yaml.safe_load(open(args.config).read()) or {}
+        train = raw.get("train", {}) or {}
+        if train.get("steps") is None and train.get("epochs") is None:
+            sets.append("train.steps=1")
+    return load_config(args.config, sets)
+
+
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    name = args.name
+    if name in ("cifar10", "cifar100"):
+        from .data import load_cifar
+
+        arrays = load_cifar(name, args.root, source=args.source, download=True)
+        print(f"{name}: {len(arrays.train_x)} train / {len(arrays.test_x)} test images cached")
+    elif name == "fashion_mnist":
+        from .data import load_fashion_mnist
+
+        arrays = load_fashion_mnist(args.root, source=args.source, download=True)
+        print(f"{name}: {len(arrays.train_x)} train / {len(arrays.test_x)} test images cached")
+    elif name == "text":
+        from .data import prepare_text
+
+        if not args.source:
+            raise ValueError("data fetch text needs --source PATH to a UTF-8 text file or .gz")
+        data = prepare_text(
+            args.source,
+            tokenizer=args.tokenizer,
+            tokenizer_file=args.tokenizer_file,
+            cache_dir=args.root,
+        )
+        print(
+            f"text: {len(data.train)} train / {len(data.val)} val tokens, "
+            f"vocabulary {data.vocab_size}"
+        )
+    else:
+        raise ValueError(
+            f"unknown data set {name!r}; valid: cifar10, cifar100, fashion_mnist, text"
+        )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .experiments.demo import run_demo
+
+    run_demo(
+        data=args.data,
+        source=args.source,
+        root=args.root,
+        dense_width=args.width,
+        structure=args.structure,
+        epochs=args.epochs,
+        out_dir=args.out,
+    )
     return 0
 
 
@@ -92,7 +192,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("SPEC", "D_IN", "D_OUT"),
         help="also build one layer and print it, e.g. --layer btt:rank=2 768 3072",
     )
+    info.add_argument("--config", help="also print the structurize report of a training config")
+    info.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for --config"
+    )
+    info.add_argument("--vocab", type=int, default=50257, help="vocabulary size for lm configs")
     info.set_defaults(func=_cmd_info)
+
+    data = sub.add_parser("data", help="download / cache data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser("fetch", help="fetch and cache a data set")
+    fetch.add_argument("name", help="cifar10, cifar100, fashion_mnist or text")
+    fetch.add_argument("--source", help="local copy (archive, folder or text file)")
+    fetch.add_argument(
+        "--root", help="cache directory (default $STRUCTLIN_DATA or ~/.cache/structlin)"
+    )
+    fetch.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char"])
+    fetch.add_argument("--tokenizer-file", help="local gpt2.tiktoken ranks file")
+    fetch.set_defaults(func=_cmd_data_fetch)
+
+    demo = sub.add_parser(
+        "demo", help="train the paper's MLP dense vs BTT at matched compute (a few CPU minutes)"
+    )
+    demo.add_argument(
+        "--data", default="fashion_mnist", choices=["fashion_mnist", "cifar10", "cifar100"]
+    )
+    demo.add_argument("--source", help="local copy of the data set (else download/cache)")
+    demo.add_argument("--root", help="cache directory")
+    demo.add_argument("--width", type=int, default=256, help="dense width (BTT width is matched)")
+    demo.add_argument("--structure", default="btt")
+    demo.add_argument("--epochs", type=float, default=2.0)
+    demo.add_argument("--out", default="demo_out")
+    demo.set_defaults(func=_cmd_demo)
 
     from .bench import build_parser as bench_parser
 

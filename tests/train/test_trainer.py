@@ -170,3 +170,44 @@ def test_language_model_task(tmp_path):
     Trainer(c, tmp_path / "lm", log=None).fit()
     r = rows(tmp_path / "lm")
     assert r[-1]["test_loss"] < r[0]["test_loss"] < np.log(30)
+
+
+def test_imagenet_style_folder_streams_through_workers(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c in range(3):
+            folder = tmp_path / "inet" / split / f"n0{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)
+                img[..., c] = 250
+                Image.fromarray(img).save(folder / f"{i}.png")
+    c = load_config(
+        None,
+        [
+            "model.name=vit",
+            "model.width=32",
+            "model.base_width=16",
+            "model.depth=1",
+            "model.kwargs={heads: 2, patch_size: 16, image_size: 32}",
+            "data.name=imagenet",
+            f"data.source={tmp_path / 'inet'}",
+            "data.batch_size=8",
+            "data.eval_batch_size=6",
+            "data.num_workers=0",
+            "data.mixup=0.2",
+            "data.label_smoothing=0.1",
+            "train.steps=4",
+            "train.eval_every=2",
+            "train.progress=false",
+            "optim.name=adamw",
+        ],
+    )
+    result = Trainer(c, tmp_path / "run", log=None).fit()
+    assert result["status"] == "finished" and result["step"] == 4
+    r = rows(tmp_path / "run")
+    assert [x["step"] for x in r] == [2, 4] and 0.0 <= r[-1]["test_acc"] <= 1.0
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["data"][0]["epoch"] == 1 and state["data"][0]["position"] == 1  # 3 per epoch

@@ -2,7 +2,9 @@
 
 from .cifar import CifarArrays, load_cifar
 from .fashion_mnist import FashionMnistArrays, load_fashion_mnist
+from .imagenet import ImageFolder, imagenet_loader
 from .loader import ImageBatch, TensorImageLoader
+from .stream import StreamingImageBatches
 from .text import CharTokenizer, TextData, get_batch, gpt2_encoding, load_openwebtext, prepare_text
 
 __all__ = [
@@ -10,10 +12,13 @@ __all__ = [
     "CifarArrays",
     "FashionMnistArrays",
     "ImageBatch",
+    "ImageFolder",
+    "StreamingImageBatches",
     "TensorImageLoader",
     "TextData",
     "get_batch",
     "gpt2_encoding",
+    "imagenet_loader",
     "load_cifar",
     "load_fashion_mnist",
     "load_openwebtext",

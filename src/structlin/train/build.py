@@ -38,16 +38,20 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
     """Load (and cache) the data set named in ``cfg.data``."""
     d = cfg.data
     if cfg.task == "lm":
-        from ..data.text import prepare_text
+        from ..data.text import load_openwebtext, prepare_text
 
-        if d.source is None:
+        if d.name == "openwebtext":
+            # streamed from the Hugging Face Hub (needs `datasets` and internet), cached once
+            text = load_openwebtext(d.root, tokenizer_file=d.tokenizer_file)
+        elif d.source is None:
             raise ValueError(
-                "data.source must point to a UTF-8 text file (or .gz) for task 'lm', e.g. "
-                "--set data.source=../shared/data/austen.txt.gz"
+                "data.source must point to a UTF-8 text file (or .gz) for task 'lm' (or set "
+                "data.name=openwebtext), e.g. --set data.source=../shared/data/austen.txt.gz"
             )
-        text = prepare_text(
-            d.source, tokenizer=d.tokenizer, tokenizer_file=d.tokenizer_file, cache_dir=d.root
-        )
+        else:
+            text = prepare_text(
+                d.source, tokenizer=d.tokenizer, tokenizer_file=d.tokenizer_file, cache_dir=d.root
+            )
         per_epoch = max(1, len(text.train) // (d.batch_size * d.block_size * world_size))
         return DataBundle("text", text.train, text.val, text.vocab_size, steps_per_epoch=per_epoch)
 
@@ -66,6 +70,8 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
         mean, std = CIFAR_MEAN, CIFAR_STD
         train_x, test_x = arrays.train_x, arrays.test_x
         num_classes = len(arrays.classes)
+    elif d.name == "imagenet":
+        return _imagenet(cfg, device, rank, world_size)
     elif d.name == "fashion_mnist":
         from ..data.fashion_mnist import load_fashion_mnist
 
@@ -75,7 +81,7 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
         num_classes = len(arrays.classes)
     else:
         raise ValueError(
-            f"unknown data.name {d.name!r}; valid: cifar10, cifar100, fashion_mnist "
+            f"unknown data.name {d.name!r}; valid: cifar10, cifar100, fashion_mnist, imagenet "
             f"(or task 'lm' with a text file)"
         )
     common = {"device": device, "mean": mean, "std": std, "num_classes": num_classes}
@@ -106,6 +112,44 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
     return DataBundle("image", train, test, num_classes, (c, h, w), len(train))
 
 
+def _imagenet(cfg: Config, device: torch.device, rank: int, world_size: int) -> DataBundle:
+    from ..data.imagenet import IMAGENET_MEAN_255, IMAGENET_STD_255, imagenet_loader
+    from ..data.stream import StreamingImageBatches
+
+    d = cfg.data
+    if d.source is None:
+        raise ValueError("data.source must be the ImageNet root with train/ and val/ folders")
+    size = int(cfg.model.kwargs.get("image_size", 224))
+    common = {
+        "image_size": size,
+        "num_workers": d.num_workers,
+        "seed": cfg.train.seed,
+        "rank": rank,
+        "world_size": world_size,
+    }
+    train_dl = imagenet_loader(d.source, "train", batch_size=d.batch_size // world_size, **common)
+    val_dl = imagenet_loader(
+        d.source, "val", batch_size=d.eval_batch_size, **{**common, "rank": 0, "world_size": 1}
+    )
+    classes = len(train_dl.dataset.classes)
+    stats = {
+        "device": device,
+        "num_classes": classes,
+        "mean": IMAGENET_MEAN_255,
+        "std": IMAGENET_STD_255,
+    }
+    train = StreamingImageBatches(
+        train_dl,
+        train=True,
+        mixup_alpha=d.mixup,
+        label_smoothing=d.label_smoothing,
+        seed=cfg.train.seed * 1000 + rank,
+        **stats,
+    )
+    test = StreamingImageBatches(val_dl, train=False, **stats)
+    return DataBundle("image", train, test, classes, (3, size, size), len(train))
+
+
 def _make(cfg: Config, width: int, data: DataBundle) -> nn.Module:
     from ..models import create_model
 
@@ -122,6 +166,7 @@ def _make(cfg: Config, width: int, data: DataBundle) -> nn.Module:
         )
     if m.name == "vit":
         c, h, _ = data.image_shape
+        kwargs.pop("image_size", None)  # the data decides (for ImageNet it is read from here)
         return create_model(
             "vit",
             num_classes=data.num_classes,

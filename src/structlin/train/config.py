@@ -67,6 +67,8 @@ class DataConfig:
     tokenizer_file: str | None = None
     block_size: int = 128
     eval_batches: int = 20
+    # streamed image folders (ImageNet)
+    num_workers: int = 4
 
 
 @dataclass

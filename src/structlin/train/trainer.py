@@ -1,7 +1,9 @@
 """The training loop: μP optimizer, per-step schedule, evaluation, JSONL metrics, exact resume.
 
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object
-per evaluation) and ``checkpoints/last.pt``. Checkpoints carry the model, optimizer, scheduler,
+per evaluation) and ``checkpoints/last.pt``; with ``train.tensorboard: true`` also ``tensorboard/``,
+where every metrics row's numeric values are written as TensorBoard scalars (needs
+``pip install 'structlin[tensorboard]'``). Checkpoints carry the model, optimizer, scheduler,
 global RNG states, the data loader's position and the running training statistics, so that
 ``resume=True`` continues the same trajectory: on CPU in float32 an interrupted and resumed run
 ends with the same metrics as an uninterrupted one.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -93,6 +96,9 @@ class Trainer:
         self.log = (log or (lambda _msg: None)) if self.is_main else (lambda _msg: None)
         self.resume = resume
         self._check_run_dir(overwrite)
+        # Checked on every rank, so that a missing package fails all processes alike.
+        self._summary_writer_cls = _summary_writer_class() if config.train.tensorboard else None
+        self._tb = None
         self.device = _resolve_device(config.train.device, local_rank)
         seed_everything(config.train.seed)
         self.data = build_data(config, self.device, self.rank, self.world_size)
@@ -145,6 +151,8 @@ class Trainer:
             for name in ("metrics.jsonl",):
                 (self.out / name).unlink(missing_ok=True)
             self.ckpt_path.unlink(missing_ok=True)
+            if self.is_main:
+                shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
 
     def _total_steps(self) -> int:
         t = self.cfg.train
@@ -311,6 +319,12 @@ class Trainer:
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                # the step is the x axis; strings (status) and booleans are not scalars
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, global_step=row["step"])
+            self._tb.flush()
 
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
@@ -328,6 +342,8 @@ class Trainer:
             tmp = self.out / ".config.yaml.tmp"
             tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             os.replace(tmp, self.out / "config.yaml")
+        if self._summary_writer_cls is not None and self.is_main:
+            self._tb = self._summary_writer_cls(log_dir=str(self.out / "tensorboard"))
         handlers = {}
         if _main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -337,6 +353,9 @@ class Trainer:
         finally:
             for sig, old in handlers.items():
                 signal.signal(sig, old)
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
 
     def _loop(self) -> dict[str, Any]:
         t = self.cfg.train
@@ -417,6 +436,18 @@ class Trainer:
         }
         self._running = {"loss": 0.0, "acc": 0.0, "n": 0}
         return row
+
+
+def _summary_writer_class():
+    """``torch.utils.tensorboard.SummaryWriter``, imported only when TensorBoard logging is on."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError(
+            "train.tensorboard=true needs the tensorboard package, which is not installed: "
+            "pip install 'structlin[tensorboard]' (or set train.tensorboard=false)"
+        ) from e
+    return SummaryWriter
 
 
 def _main_thread() -> bool:
