@@ -211,3 +211,12 @@ def test_imagenet_style_folder_streams_through_workers(tmp_path):
     assert [x["step"] for x in r] == [2, 4] and 0.0 <= r[-1]["test_acc"] <= 1.0
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["data"][0]["epoch"] == 1 and state["data"][0]["position"] == 1  # 3 per epoch
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(fake_cifar, tmp_path):
+    eager = Trainer(cfg(fake_cifar, tmp_path, "train.steps=4"), tmp_path / "e", log=None).fit()
+    comp = Trainer(
+        cfg(fake_cifar, tmp_path, "train.steps=4", "train.compile=true"), tmp_path / "c", log=None
+    ).fit()
+    assert comp["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-4)
