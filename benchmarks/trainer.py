@@ -24,7 +24,8 @@ and the ratio to ``bare`` is the median over rounds of the within-round ratio (p
 round of the shared machine does not bias it). ``tune_malloc()`` is applied once to the whole
 process (all variants alike) unless ``--no-tune-malloc``.
 
-Usage: ``python benchmarks/trainer.py [--rounds 7] [--steps 30] [--warmup 3]``.
+Usage: ``python benchmarks/trainer.py [--rounds 9] [--steps 30] [--warmup 3] [--no-tune-malloc]``;
+``--profile`` prints a per-phase breakdown and the top operators of each variant instead.
 Writes ``benchmarks/out/trainer.json``.
 """
 
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-width", type=int, default=64, help="μP base width (config default)")
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--rounds", type=int, default=7, help="repetitions of every variant")
+    p.add_argument("--rounds", type=int, default=9, help="repetitions of every variant")
     p.add_argument("--steps", type=int, default=30, help="timed steps per repetition")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per repetition")
     p.add_argument("--no-tune-malloc", action="store_true", help="keep glibc's defaults")
