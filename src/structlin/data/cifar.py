@@ -8,13 +8,11 @@ so every decode is cached under a key derived from the source's path, size and m
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
 import os
 import pickle
-import secrets
 import tarfile
 import urllib.error
 import urllib.request
@@ -26,6 +24,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+
+from ._io import atomic_write as _atomic_write
+from ._io import cache_dir as _cache_dir
 
 __all__ = ["CifarArrays", "load_cifar"]
 
@@ -147,15 +148,6 @@ def load_cifar(
     raise FileNotFoundError(f"no {name} data cached in {cache_dir}; {_SOURCE_HELP}")
 
 
-def _cache_dir(root: str | Path | None) -> Path:
-    if root is not None:
-        return Path(root).expanduser()
-    env = os.environ.get("STRUCTLIN_DATA")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "structlin"
-
-
 def _load_source(name: str, src: Path, cache_dir: Path) -> CifarArrays:
     if not src.exists():
         raise FileNotFoundError(f"CIFAR source {src} does not exist; {_SOURCE_HELP}")
@@ -239,21 +231,6 @@ def _write_cache(path: Path, arrays: CifarArrays) -> None:
         )
 
     _atomic_write(path, write)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    # Readers (and concurrent writers) only ever see a complete file: write beside it, then rename.
-    # Not mkstemp: its 0600 mode would make a shared cache dir unreadable to others; "xb" honours
-    # the umask and still refuses to clobber another writer's temp file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _download(remote: _Remote, dest: Path) -> None:

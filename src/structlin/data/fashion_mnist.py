@@ -7,24 +7,24 @@ package ``dataset-fashion-mnist`` through ``apt-get download`` and ``dpkg-deb -x
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import logging
-import os
-import secrets
 import subprocess
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._io import atomic_write as _atomic_write
+from ._io import cache_dir as _cache_dir
 
 __all__ = ["FashionMnistArrays", "load_fashion_mnist"]
 
@@ -200,15 +200,6 @@ def load_fashion_mnist(
     return _load_source(downloads, cache_dir, cache_name=_CANONICAL_CACHE)
 
 
-def _cache_dir(root: str | Path | None) -> Path:
-    if root is not None:
-        return Path(root).expanduser()
-    env = os.environ.get("STRUCTLIN_DATA")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "structlin"
-
-
 # --- sources and cache ---------------------------------------------------------------------------
 
 
@@ -306,21 +297,6 @@ def _try_write_cache(path: Path, arrays: FashionMnistArrays) -> None:
     except OSError as e:
         # A read-only cache dir should cost a re-decode next time, not the data now.
         log.warning("could not write cache %s: %s", path, e)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    # Readers (and concurrent writers) only ever see a complete file: write beside it, then rename.
-    # Not mkstemp: its 0600 mode would make a shared cache dir unreadable to others; "xb" honours
-    # the umask and still refuses to clobber another writer's temp file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # --- IDX decoding --------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ import torch
 if TYPE_CHECKING:
     import tiktoken
 
+from ._io import cache_dir as _cache_dir
+
 __all__ = [
     "CharTokenizer",
     "TextData",
@@ -307,15 +309,6 @@ class _Codec:
         if self._char is not None:
             return self._char.decode(ids)
         return self._gpt2().decode(ids.tolist())
-
-
-def _cache_dir(root: str | Path | None) -> Path:
-    if root is not None:
-        return Path(root).expanduser()
-    env = os.environ.get("STRUCTLIN_DATA")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "structlin"
 
 
 def prepare_text(

@@ -175,6 +175,32 @@ class StructuredLinear(nn.Module):
             self.gammas = None
         self.reset_parameters()
 
+    def _plan_widths(
+        self,
+        cores: int,
+        in_factors: tuple[int, ...] | None,
+        out_factors: tuple[int, ...] | None,
+        pad_tolerance: float,
+    ) -> int:
+        """Factorise both widths into ``cores`` factors (zero-padding if needed); sets
+        ``in_factors``, ``out_factors``, ``in_padded``, ``out_padded``. Returns ``cores``."""
+        from .factorize import plan_factors
+
+        name = self._name()
+        cores = _check_positive_int(name, "cores", cores)
+        if cores < 2:
+            raise ValueError(f"{name}: cores must be at least 2, got {cores}")
+        plans = [
+            plan_factors(size, cores, factors, pad_tolerance=pad_tolerance, what=what, owner=name)
+            for size, factors, what in (
+                (self.in_features, in_factors, "in_features"),
+                (self.out_features, out_factors, "out_features"),
+            )
+        ]
+        self.in_factors, self.out_factors = plans[0].factors, plans[1].factors
+        self.in_padded, self.out_padded = plans[0].padded, plans[1].padded
+        return cores
+
     # ------------------------------------------------------------------ factors and init
     def factors(self) -> list[Factor]:
         """One :class:`Factor` record per learnable factor, in forward order."""

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..kernels.btt import btt2_matmul, btt_chain_matmul
 from .base import StructuredLinear, _check_positive_int
-from .factorize import DEFAULT_PAD_TOLERANCE, plan_factors
+from .factorize import DEFAULT_PAD_TOLERANCE
 from .registry import register_structure
 
 __all__ = ["BTTLinear"]
@@ -66,28 +66,8 @@ class BTTLinear(StructuredLinear):
     ) -> None:
         super().__init__(in_features, out_features, bias, **kwargs)
         name = self._name()
-        cores = _check_positive_int(name, "cores", cores)
-        if cores < 2:
-            raise ValueError(f"{name}: cores must be at least 2, got {cores}")
         rank = _check_positive_int(name, "rank", rank)
-        ip = plan_factors(
-            in_features,
-            cores,
-            in_factors,
-            pad_tolerance=pad_tolerance,
-            what="in_features",
-            owner=name,
-        )
-        op = plan_factors(
-            out_features,
-            cores,
-            out_factors,
-            pad_tolerance=pad_tolerance,
-            what="out_features",
-            owner=name,
-        )
-        self.in_factors, self.out_factors = ip.factors, op.factors
-        self.in_padded, self.out_padded = ip.padded, op.padded
+        cores = self._plan_widths(cores, in_factors, out_factors, pad_tolerance)
         ms, ns = self._ms, self.out_factors
         cap = max(min(math.prod(ms[: t + 1]), math.prod(ns[t + 1 :])) for t in range(cores - 1))
         if rank > cap:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .base import StructuredLinear, _check_positive_int
-from .factorize import DEFAULT_PAD_TOLERANCE, plan_factors
+from .factorize import DEFAULT_PAD_TOLERANCE
 from .registry import register_structure
 
 __all__ = ["TTLinear"]
@@ -61,28 +61,7 @@ class TTLinear(StructuredLinear):
         **kwargs: Any,
     ) -> None:
         super().__init__(in_features, out_features, bias, **kwargs)
-        name = self._name()
-        cores = _check_positive_int(name, "cores", cores)
-        if cores < 2:
-            raise ValueError(f"{name}: cores must be at least 2, got {cores}")
-        ip = plan_factors(
-            in_features,
-            cores,
-            in_factors,
-            pad_tolerance=pad_tolerance,
-            what="in_features",
-            owner=name,
-        )
-        op = plan_factors(
-            out_features,
-            cores,
-            out_factors,
-            pad_tolerance=pad_tolerance,
-            what="out_features",
-            owner=name,
-        )
-        self.in_factors, self.out_factors = ip.factors, op.factors
-        self.in_padded, self.out_padded = ip.padded, op.padded
+        self._plan_widths(cores, in_factors, out_factors, pad_tolerance)
         self.ranks = self._plan_ranks(rank)
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(fo, fi, **self._factory)) for _, fi, fo in self._factor_fans()

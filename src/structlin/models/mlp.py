@@ -21,8 +21,10 @@ def _dense_init(linear: nn.Linear, zero: bool = False) -> None:
             linear.bias.zero_()
 
 
-class Block(nn.Module):
-    """Pre-LN residual block ``x + fc2(GELU(fc1(LN(x))))`` with expansion ``e`` (4 in the paper)."""
+class FeedForward(nn.Module):
+    """Pre-LN FFN ``fc2(GELU(fc1(LN(x))))``, ``width -> e*width -> width``; ``fc2`` zero-init.
+
+    Shared by the MLP's residual blocks and the ViT."""
 
     def __init__(self, width: int, expansion: int = 4, bias: bool = True) -> None:
         super().__init__()
@@ -33,7 +35,14 @@ class Block(nn.Module):
         _dense_init(self.fc2, zero=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class Block(FeedForward):
+    """Pre-LN residual block ``x + fc2(GELU(fc1(LN(x))))`` with expansion ``e`` (4 in the paper)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
 
 
 class MLP(nn.Module):

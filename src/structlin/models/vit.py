@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mlp import _dense_init
+from .mlp import FeedForward, _dense_init
 
 __all__ = ["ViT"]
 
@@ -88,21 +88,6 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale)
         b, _, n, _ = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
-
-
-class FeedForward(nn.Module):
-    """Pre-LN FFN ``fc2(GELU(fc1(LN(x))))``, ``width -> e*width -> width``, ``fc2`` zero-init."""
-
-    def __init__(self, width: int, expansion: int = 4, bias: bool = True) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.fc1 = nn.Linear(width, expansion * width, bias=bias)
-        self.fc2 = nn.Linear(expansion * width, width, bias=bias)
-        _dense_init(self.fc1)
-        _dense_init(self.fc2, zero=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
 class Block(nn.Module):

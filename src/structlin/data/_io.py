@@ -1,0 +1,38 @@
+"""File-system helpers shared by the data loaders: the cache location and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write", "cache_dir"]
+
+
+def cache_dir(root: str | Path | None) -> Path:
+    """``root`` if given, else ``$STRUCTLIN_DATA``, else ``~/.cache/structlin``."""
+    if root is not None:
+        return Path(root).expanduser()
+    env = os.environ.get("STRUCTLIN_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "structlin"
+
+
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Call ``write(binary_file)`` on a temp file beside ``path``, then rename it over ``path``."""
+    # Readers (and concurrent writers) only ever see a complete file: write beside it, then rename.
+    # Not mkstemp: its 0600 mode would make a shared cache dir unreadable to others; "xb" honours
+    # the umask and still refuses to clobber another writer's temp file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
