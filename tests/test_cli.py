@@ -55,3 +55,59 @@ def test_data_fetch_text(tmp_path, capsys):
     assert rc == 0
     assert "vocabulary 9" in capsys.readouterr().out
     assert main(["data", "fetch", "mnist"]) == 2
+
+
+def test_sweep_dry_run_lists_runs(capsys):
+    spec = (
+        Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "cifar10_mlp_scaling-cpu.yaml"
+    )
+    assert main(["sweep", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dense_w32_lr3e-03_s0" in out and "btt" in out and "MACs/ex" in out
+
+
+def _fake_run(root, structure, width, macs, err):
+    import json
+
+    import yaml
+
+    run = root / f"{structure}_{width}"
+    run.mkdir(parents=True)
+    cfg = {
+        "name": run.name,
+        "task": "classify",
+        "model": {"name": "mlp", "width": width, "depth": 3},
+        "structure": {"spec": structure},
+        "optim": {"lr": 3e-3},
+        "train": {"seed": 0},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    row = {
+        "step": 10,
+        "epoch": 1.0,
+        "lr": 0.0,
+        "train_loss": 1.0,
+        "train_acc": 1 - err,
+        "test_loss": 1.0,
+        "test_acc": 1 - err,
+        "samples_per_s": 1.0,
+        "samples": 100,
+        "forward_macs_per_example": macs,
+        "train_macs": 300 * macs,
+        "status": "finished",
+    }
+    (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+
+
+def test_results_and_fit_commands(tmp_path, capsys):
+    for structure, b in (("dense", 0.10), ("btt", 0.12)):
+        for width, macs in ((64, 1e5), (128, 1e6), (256, 1e7), (512, 1e8)):
+            _fake_run(tmp_path, structure, width, macs, 2.0 * (300 * macs) ** -b)
+    assert main(["results", str(tmp_path), "--csv", str(tmp_path / "t.csv")]) == 0
+    assert (tmp_path / "t.csv").read_text().count("\n") == 9
+    capsys.readouterr()
+    assert main(["fit", str(tmp_path), "--n-boot", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "0.1200" in out and "0.1000" in out
+    assert "compute multiplier of btt vs dense" in out
+    assert main(["fit", str(tmp_path / "nothing_here")]) == 2

@@ -166,6 +166,65 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.get("status") in ("finished", "interrupted") else 1
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .scaling.sweep import dry_run, load_sweep, run_sweep, submit_slurm
+
+    sweep = load_sweep(args.spec)
+    print(dry_run(sweep))
+    if args.dry_run:
+        return 0
+    if args.slurm:
+        jobs = submit_slurm(sweep, partition=args.partition, timeout_min=args.timeout_min)
+        print(f"submitted {len(jobs)} job(s) to SLURM")
+        return 0
+    results = run_sweep(sweep, jobs=args.jobs, threads_per_job=args.threads)
+    return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from .scaling.results import collect_runs, format_table, write_table
+
+    rows = collect_runs(args.dirs)
+    print(format_table(rows))
+    if args.csv or args.json:
+        write_table(rows, args.csv, args.json)
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from .scaling.fit import (
+        bootstrap_multiplier,
+        fit_by_structure,
+        points_by_structure,
+    )
+    from .scaling.results import collect_runs
+
+    rows = collect_runs(args.dirs)
+    fits = fit_by_structure(rows, x=args.x, y=args.y, irreducible=args.irreducible)
+    if not fits:
+        raise ValueError("no structure has 3 or more finished widths to fit")
+    print(f"{'structure':<20}{'exponent b':>12}{'± se':>8}{'a':>12}{'e0':>8}{'R^2':>7}{'n':>4}")
+    for name, f in fits.items():
+        print(
+            f"{name:<20}{f.b:>12.4f}{f.b_stderr:>8.4f}{f.a:>12.4g}{f.e0:>8.4f}{f.r2:>7.3f}{f.n:>4}"
+        )
+    if args.reference in fits:
+        points = points_by_structure(rows, args.x, args.y)
+        ref = points[args.reference]
+        at = args.at_error if args.at_error is not None else float(min(ref[1]))
+        for name in fits:
+            if name == args.reference:
+                continue
+            est, lo, hi = bootstrap_multiplier(
+                ref, points[name], at, n_boot=args.n_boot, irreducible=args.irreducible
+            )
+            print(
+                f"compute multiplier of {name} vs {args.reference} at error {at:.4f}: "
+                f"{est:.2f}x (95% bootstrap {lo:.2f}-{hi:.2f})"
+            )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structlin", description=__doc__)
     parser.add_argument("--version", action="version", version=f"structlin {__version__}")
@@ -184,6 +243,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="restart in an existing directory")
     train.set_defaults(func=_cmd_train)
+
+    sw = sub.add_parser("sweep", help="run (or submit) a grid of training runs from a spec")
+    sw.add_argument("spec", help="sweep YAML, e.g. configs/sweeps/cifar10_mlp_scaling-cpu.yaml")
+    sw.add_argument("--dry-run", action="store_true", help="list runs with params/FLOPs only")
+    sw.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine")
+    sw.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    sw.add_argument("--slurm", action="store_true", help="submit a SLURM job array (submitit)")
+    sw.add_argument("--partition", default=None)
+    sw.add_argument("--timeout-min", type=int, default=1440)
+    sw.set_defaults(func=_cmd_sweep)
+
+    res = sub.add_parser("results", help="collect training runs into one table")
+    res.add_argument("dirs", nargs="+")
+    res.add_argument("--csv", help="write the table as CSV")
+    res.add_argument("--json", help="write the table as JSON")
+    res.set_defaults(func=_cmd_results)
+
+    fit = sub.add_parser("fit", help="power-law fits of error vs compute per structure")
+    fit.add_argument("dirs", nargs="+")
+    fit.add_argument("--x", default="train_macs", help="compute column (default train_macs)")
+    fit.add_argument("--y", default="final_test_error", help="error column")
+    fit.add_argument("--irreducible", action="store_true", help="fit e0 + a*C^-b")
+    fit.add_argument("--reference", default="dense", help="structure for compute multipliers")
+    fit.add_argument(
+        "--at-error",
+        type=float,
+        default=None,
+        help="error level for the multiplier (default: the reference's best)",
+    )
+    fit.add_argument("--n-boot", type=int, default=1000)
+    fit.set_defaults(func=_cmd_fit)
 
     info = sub.add_parser("info", help="list structures and their options")
     info.add_argument(

@@ -243,6 +243,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     header = [h for _, h in _SHOWN]
     body = [[_cell(r.get(k)) for k, _ in _SHOWN] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *body, strict=False)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
-             for line in [header, *body]]
+    lines = [
+        "  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *body]
+    ]
     return "\n".join(lines)

@@ -138,7 +138,7 @@ def _check_structure(entry: SweepStructure, where: str) -> None:
         for shape in ((w, 4 * w), (w, w)):
             try:
                 make_linear(entry.spec, *shape, device="meta")
-            except Exception as e:  # noqa: BLE001 -- any failure means "cannot factorise"
+            except Exception as e:
                 raise ValueError(
                     f"{label}: structure {name!r} cannot be built at width {w} "
                     f"({shape[0]} -> {shape[1]}): {e}"
@@ -167,7 +167,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if not base.is_file():
         raise FileNotFoundError(f"{p}: base config {base} does not exist")
     out = Path(data["out"])
-    out = out if out.is_absolute() else here / out
+    out = (out if out.is_absolute() else here / out).resolve()
     common = _str_list(data.get("set"), f"{p}: set")
     try:
         cfg = load_config(base, common)
@@ -435,7 +435,7 @@ def run_one(run: RunSpec, threads: int | None = None, progress: bool | None = No
             log=lambda msg: print(f"[{run.name}] {msg}", flush=True),
         )
         row = trainer.fit()
-    except Exception:  # noqa: BLE001 -- recorded; the sweep goes on
+    except Exception:
         out.mkdir(parents=True, exist_ok=True)
         tb = traceback.format_exc()
         (out / "error.txt").write_text(tb)
@@ -495,7 +495,7 @@ def run_sweep(
                 r = futures[fut]
                 try:
                     res = fut.result()
-                except Exception:  # noqa: BLE001 -- e.g. a worker killed by the OS
+                except Exception:
                     out = Path(r.out_dir)
                     out.mkdir(parents=True, exist_ok=True)
                     tb = traceback.format_exc()
