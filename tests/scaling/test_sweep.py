@@ -5,33 +5,11 @@ import pickle
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from structlin.scaling import sweep as sw
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def fake_cifar(tmp_path_factory):
-    """A tiny CIFAR-10 in the official python format (as in tests/train/conftest.py)."""
-    root = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-
-    def batch(n):
-        y = rng.integers(0, 3, n)
-        x = rng.integers(0, 100, (n, 3, 32, 32), dtype=np.uint8)
-        x[np.arange(n), y] += 120
-        return {b"data": x.reshape(n, 3072), b"labels": y.tolist()}
-
-    for i in range(1, 6):
-        (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch(64)))
-    (root / "test_batch").write_bytes(pickle.dumps(batch(96)))
-    names = [f"c{i}".encode() for i in range(10)]
-    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
-    return root
 
 
 BASE = """\

@@ -10,37 +10,13 @@ from structlin.train import Trainer, TrainingDiverged, load_config
 from structlin.train.checkpoint import load_checkpoint
 
 
-def cfg(fake_cifar, tmp_path, *extra):
-    return load_config(
-        None,
-        [
-            "name=t",
-            "model.name=mlp",
-            "model.width=32",
-            "model.base_width=16",
-            "model.depth=1",
-            f"data.source={fake_cifar}",
-            f"data.root={tmp_path / 'cache'}",
-            "data.batch_size=32",
-            "data.eval_batch_size=50",
-            "optim.lr=3e-3",
-            "train.steps=12",
-            "train.eval_every=4",
-            "train.ckpt_every=4",
-            "train.progress=false",
-            "train.seed=1",
-            *extra,
-        ],
-    )
-
-
 def rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_trains_logs_and_checkpoints(fake_cifar, tmp_path):
+def test_trains_logs_and_checkpoints(fake_cifar, tmp_path, tiny_config):
     run = tmp_path / "run"
-    result = Trainer(cfg(fake_cifar, tmp_path, "structure.spec=btt"), run, log=None).fit()
+    result = Trainer(tiny_config("structure.spec=btt"), run, log=None).fit()
     assert result["status"] == "finished" and result["step"] == 12
     r = rows(run)
     assert [x["step"] for x in r] == [4, 8, 12]
@@ -62,11 +38,11 @@ def test_trains_logs_and_checkpoints(fake_cifar, tmp_path):
 
 
 @pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)` has been overridden")
-def test_resume_reproduces_an_uninterrupted_run_exactly(fake_cifar, tmp_path):
+def test_resume_reproduces_an_uninterrupted_run_exactly(fake_cifar, tmp_path, tiny_config):
     full = tmp_path / "full"
-    Trainer(cfg(fake_cifar, tmp_path), full, log=None).fit()
+    Trainer(tiny_config(), full, log=None).fit()
     part = tmp_path / "part"
-    t = Trainer(cfg(fake_cifar, tmp_path), part, log=None)
+    t = Trainer(tiny_config(), part, log=None)
     orig_step = t.optimizer.step
 
     def stop_after_six(*a, **k):
@@ -78,7 +54,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(fake_cifar, tmp_path):
     t.optimizer.step = stop_after_six
     assert t.fit()["status"] == "interrupted"
     assert load_checkpoint(part / "checkpoints" / "last.pt")["step"] == 6
-    Trainer(cfg(fake_cifar, tmp_path), part, resume=True, log=None).fit()
+    Trainer(tiny_config(), part, resume=True, log=None).fit()
     a, b = rows(full), rows(part)
     keys = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_macs")
     assert [[x[k] for k in keys] for x in a] == [[x[k] for k in keys] for x in b]
@@ -88,9 +64,9 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(fake_cifar, tmp_path):
 
 
 @pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)` has been overridden")
-def test_real_signal_saves_and_exits_cleanly(fake_cifar, tmp_path):
+def test_real_signal_saves_and_exits_cleanly(fake_cifar, tmp_path, tiny_config):
     run = tmp_path / "sig"
-    t = Trainer(cfg(fake_cifar, tmp_path), run, log=None)
+    t = Trainer(tiny_config(), run, log=None)
     orig_step = t.optimizer.step
 
     def send(*a, **k):
@@ -107,9 +83,11 @@ def test_real_signal_saves_and_exits_cleanly(fake_cifar, tmp_path):
 
 
 @pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)` has been overridden")
-def test_nan_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint(fake_cifar, tmp_path):
+def test_nan_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint(
+    fake_cifar, tmp_path, tiny_config
+):
     run = tmp_path / "nan"
-    t = Trainer(cfg(fake_cifar, tmp_path), run, log=None)
+    t = Trainer(tiny_config(), run, log=None)
     orig_step = t.optimizer.step
 
     def poison(*a, **k):
@@ -127,18 +105,16 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint(fake_c
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_run_directory_protection(fake_cifar, tmp_path):
+def test_run_directory_protection(fake_cifar, tmp_path, tiny_config):
     run = tmp_path / "r"
-    Trainer(cfg(fake_cifar, tmp_path, "train.steps=4"), run, log=None).fit()
+    Trainer(tiny_config("train.steps=4"), run, log=None).fit()
     with pytest.raises(FileExistsError, match=r"--resume.*--overwrite"):
-        Trainer(cfg(fake_cifar, tmp_path, "train.steps=4"), run, log=None)
+        Trainer(tiny_config("train.steps=4"), run, log=None)
     with pytest.raises(ValueError, match="different config"):
-        Trainer(
-            cfg(fake_cifar, tmp_path, "train.steps=4", "optim.lr=1e-2"), run, resume=True, log=None
-        )
+        Trainer(tiny_config("train.steps=4", "optim.lr=1e-2"), run, resume=True, log=None)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        Trainer(cfg(fake_cifar, tmp_path), tmp_path / "empty", resume=True, log=None)
-    Trainer(cfg(fake_cifar, tmp_path, "train.steps=4"), run, overwrite=True, log=None).fit()
+        Trainer(tiny_config(), tmp_path / "empty", resume=True, log=None)
+    Trainer(tiny_config("train.steps=4"), run, overwrite=True, log=None).fit()
     assert len(rows(run)) == 1
 
 
@@ -214,9 +190,9 @@ def test_imagenet_style_folder_streams_through_workers(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(fake_cifar, tmp_path):
-    eager = Trainer(cfg(fake_cifar, tmp_path, "train.steps=4"), tmp_path / "e", log=None).fit()
+def test_compiled_training_matches_eager(fake_cifar, tmp_path, tiny_config):
+    eager = Trainer(tiny_config("train.steps=4"), tmp_path / "e", log=None).fit()
     comp = Trainer(
-        cfg(fake_cifar, tmp_path, "train.steps=4", "train.compile=true"), tmp_path / "c", log=None
+        tiny_config("train.steps=4", "train.compile=true"), tmp_path / "c", log=None
     ).fit()
     assert comp["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-4)

@@ -1,0 +1,121 @@
+import json
+
+import pytest
+import yaml
+
+pytest.importorskip("matplotlib")
+
+from structlin.scaling.plots import plot_from_dirs, plot_lr_landscape, plot_scaling
+
+WIDTHS = [32, 64, 128, 256]
+LRS = [1e-3, 3e-3, 1e-2]
+
+
+def _rows(structures=("dense", "lowrank"), widths=WIDTHS, lr_rule=None):
+    rows = []
+    for s_i, struct in enumerate(structures):
+        for w in widths:
+            C = 1e6 * w**2
+            for lr in LRS:
+                penalty = 1.0 + abs(lr - 3e-3) * 50
+                err = min(0.9, 2.0 * C ** -(0.1 + 0.05 * s_i) * penalty)
+                row = {
+                    "structure": struct,
+                    "width": w,
+                    "lr": lr,
+                    "seed": 0,
+                    "train_macs": C,
+                    "forward_macs_per_example": C / 1e4,
+                    "final_test_error": err,
+                    "final_train_error": 0.8 * err,
+                    "best_test_error": 0.95 * err,
+                    "status": "finished",
+                }
+                if lr_rule is not None:
+                    row["lr_rule"] = lr_rule
+                rows.append(row)
+    return rows
+
+
+def _check(paths, tmp_path):
+    assert [p.suffix for p in paths] == [".png", ".pdf"]
+    for p in paths:
+        assert p.is_file() and p.stat().st_size > 0
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths[1].read_bytes()[:5] == b"%PDF-"
+    leftovers = [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    assert leftovers == []
+
+
+def test_plot_scaling_writes_png_and_pdf(tmp_path):
+    # a structure with fewer than 3 widths is drawn without a fit line
+    rows = _rows() + _rows(structures=("butterfly",), widths=[32, 64])
+    paths = plot_scaling(rows, tmp_path / "fig" / "scaling")
+    assert paths == [tmp_path / "fig" / "scaling.png", tmp_path / "fig" / "scaling.pdf"]
+    _check(paths, tmp_path)
+
+
+def test_plot_scaling_suffix_and_options(tmp_path):
+    paths = plot_scaling(
+        _rows(), tmp_path / "s.png", x="forward_macs_per_example", y="best_test_error"
+    )
+    assert [p.name for p in paths] == ["s.png", "s.pdf"]
+    _check(paths, tmp_path)
+    # overwriting an existing figure works and still leaves no temp files
+    _check(plot_scaling(_rows(), tmp_path / "s.png"), tmp_path)
+
+
+def test_plot_lr_landscape_writes_png_and_pdf(tmp_path):
+    rows = _rows() + _rows(lr_rule="mup")
+    paths = plot_lr_landscape(rows, tmp_path / "lr")
+    _check(paths, tmp_path)
+
+
+@pytest.mark.parametrize("fn", [plot_scaling, plot_lr_landscape])
+def test_empty_rows_raise(fn, tmp_path):
+    with pytest.raises(ValueError, match="no rows"):
+        fn([], tmp_path / "x")
+    unfinished = [dict(r, status="running") for r in _rows()]
+    with pytest.raises(ValueError, match="none of the"):
+        fn(unfinished, tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fewer_than_three_widths_raises(tmp_path):
+    with pytest.raises(ValueError, match=r"at least 3 widths.*dense: 2"):
+        plot_scaling(_rows(structures=("dense",), widths=[32, 64]), tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _make_run(path, struct, width, lr, acc):
+    path.mkdir(parents=True)
+    cfg = {
+        "name": path.name,
+        "model": {"name": "mlp", "width": width, "depth": 3},
+        "structure": {"spec": struct},
+        "optim": {"lr": lr},
+        "train": {"seed": 0},
+    }
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    m = {
+        "step": 10,
+        "train_acc": acc,
+        "test_acc": acc - 0.05,
+        "train_macs": 1e6 * width**2,
+        "status": "finished",
+    }
+    (path / "metrics.jsonl").write_text(json.dumps(m) + "\n")
+
+
+def test_plot_from_dirs(tmp_path):
+    runs = tmp_path / "runs"
+    for w in WIDTHS:
+        for lr in LRS:
+            _make_run(runs / f"w{w}_lr{lr}", "dense", w, lr, 0.5 + w / 1000 - abs(lr - 3e-3))
+    out = tmp_path / "out"
+    _check(plot_from_dirs([runs], out, kind="scaling"), tmp_path)
+    paths = plot_from_dirs(runs, out, kind="lr")
+    assert [p.name for p in paths] == ["lr_landscape.png", "lr_landscape.pdf"]
+    _check(paths, tmp_path)
+    with pytest.raises(ValueError, match="unknown plot kind"):
+        plot_from_dirs(runs, out, kind="bogus")
