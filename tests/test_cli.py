@@ -111,3 +111,11 @@ def test_results_and_fit_commands(tmp_path, capsys):
     assert "0.1200" in out and "0.1000" in out
     assert "compute multiplier of btt vs dense" in out
     assert main(["fit", str(tmp_path / "nothing_here")]) == 2
+
+
+def test_plot_command(tmp_path, capsys):
+    for width, macs in ((64, 1e5), (128, 1e6), (256, 1e7)):
+        _fake_run(tmp_path / "runs", "dense", width, macs, 2.0 * (300 * macs) ** -0.1)
+    assert main(["plot", str(tmp_path / "runs"), "--out", str(tmp_path / "fig")]) == 0
+    assert (tmp_path / "fig" / "scaling.png").stat().st_size > 0
+    assert (tmp_path / "fig" / "scaling.pdf").stat().st_size > 0

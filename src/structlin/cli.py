@@ -225,6 +225,14 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .scaling.plots import plot_from_dirs
+
+    for path in plot_from_dirs(args.dirs, args.out, kind=args.kind):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structlin", description=__doc__)
     parser.add_argument("--version", action="version", version=f"structlin {__version__}")
@@ -274,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--n-boot", type=int, default=1000)
     fit.set_defaults(func=_cmd_fit)
+
+    plot = sub.add_parser("plot", help="paper-style figures (PNG and PDF) from training runs")
+    plot.add_argument("dirs", nargs="+")
+    plot.add_argument(
+        "--kind",
+        default="scaling",
+        choices=["scaling", "lr"],
+        help="error vs compute with fits, or error vs LR per width",
+    )
+    plot.add_argument("--out", default="figures")
+    plot.set_defaults(func=_cmd_plot)
 
     info = sub.add_parser("info", help="list structures and their options")
     info.add_argument(

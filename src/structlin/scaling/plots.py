@@ -1,0 +1,257 @@
+"""Paper-style figures from ``collect_runs`` rows: scaling laws and learning-rate landscapes.
+
+Every figure is saved as both PNG and PDF next to each other (``path`` with its suffix replaced),
+each written atomically (a temp file in the same folder, then ``os.replace``). matplotlib is
+imported lazily with the non-interactive ``Agg`` backend; install it with
+``pip install 'structlin[plot]'``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from structlin.scaling.fit import fit_by_structure, points_by_structure
+
+#: the lr rule assumed for rows (runs) that do not record one
+DEFAULT_LR_RULE = "structure-aware"
+
+_FORMATS = ("png", "pdf")
+
+_LABELS = {
+    "train_macs": "training compute (MACs)",
+    "forward_macs_per_example": "forward compute per example (MACs)",
+    "params": "parameters",
+    "steps": "training steps",
+    "wall_time_s": "wall time (s)",
+    "lr": "learning rate",
+    "final_test_error": "final test error (%)",
+    "best_test_error": "best test error (%)",
+    "final_train_error": "final train error (%)",
+    "best_train_error": "best train error (%)",
+    "final_test_loss": "final test loss (nats)",
+    "best_test_loss": "best test loss (nats)",
+    "final_train_loss": "final train loss (nats)",
+    "best_train_loss": "best train loss (nats)",
+}
+
+
+def _is_error(key: str) -> bool:
+    return key.endswith("_error")
+
+
+def _label(key: str) -> str:
+    return _LABELS.get(key, key)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(
+            "structlin plots need matplotlib, which is not installed: pip install 'structlin[plot]'"
+        ) from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | os.PathLike) -> list[Path]:
+    """Save ``fig`` as ``path`` with suffixes .png and .pdf, each atomically; close it."""
+    base = Path(path)
+    if base.suffix.lower().lstrip(".") in _FORMATS:
+        base = base.with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out: list[Path] = []
+    try:
+        for fmt in _FORMATS:
+            target = base.with_name(f"{base.name}.{fmt}")
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            try:
+                fig.savefig(tmp, format=fmt, dpi=200, bbox_inches="tight")
+                os.replace(tmp, target)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+            out.append(target)
+    finally:
+        _pyplot().close(fig)
+    return out
+
+
+def _colours(n: int) -> list[Any]:
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "viridis")
+    return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
+
+
+def plot_scaling(
+    rows: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    *,
+    x: str = "train_macs",
+    y: str = "final_test_error",
+    irreducible: bool = False,
+    statuses: Sequence[str] | None = ("finished",),
+) -> list[Path]:
+    """Log-log ``y`` against compute ``x``, one colour per structure, with power-law fits.
+
+    Points are the best learning rate per (structure, width), seeds averaged
+    (``points_by_structure``); lines are ``fit_by_structure`` fits, their exponent ``b`` and its
+    standard error in the legend. Errors are shown in percent. A structure with fewer than 3
+    widths is drawn without a line (marked "no fit" in the legend). Returns the PNG and PDF paths.
+
+    Raises ValueError when no row is usable or no structure has the 3 widths a fit needs.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("plot_scaling: no rows to plot (empty run table)")
+    points = points_by_structure(rows, x, y, statuses=statuses)
+    if not points:
+        raise ValueError(
+            f"plot_scaling: none of the {len(rows)} row(s) has status in {statuses} and "
+            f"positive {x!r} and {y!r}"
+        )
+    fittable = {s: p for s, p in points.items() if p[0].size >= 3}
+    if not fittable:
+        counts = ", ".join(f"{s}: {p[0].size}" for s, p in points.items())
+        raise ValueError(
+            f"plot_scaling: a power-law fit needs at least 3 widths per structure; got {counts}"
+        )
+    fits = fit_by_structure(
+        [r for r in rows if str(r.get("structure")) in fittable],
+        x,
+        y,
+        irreducible,
+        statuses=statuses,
+    )
+    scale = 100.0 if _is_error(y) else 1.0
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.5))
+    for colour, (struct, (C, err)) in zip(_colours(len(points)), points.items(), strict=True):
+        fit = fits.get(struct)
+        if fit is None:
+            label = f"{struct} (no fit: {C.size} width{'s' if C.size != 1 else ''})"
+        else:
+            label = f"{struct}: $b = {fit.b:.3f} \\pm {fit.b_stderr:.3f}$"
+            if irreducible:
+                label += f", $e_0 = {fit.e0 * scale:.3g}$"
+        ax.plot(C, err * scale, "o", color=colour, label=label, zorder=3)
+        if fit is not None:
+            grid = np.geomspace(C.min(), C.max(), 100)
+            ax.plot(grid, fit.predict(grid) * scale, "-", color=colour, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(_label(x))
+    ax.set_ylabel(_label(y))
+    law = "e_0 + a C^{-b}" if irreducible else "a C^{-b}"
+    ax.set_title(f"{_label(y).split(' (')[0]} vs compute (fit: ${law}$, best lr per width)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(title="structure: exponent ± s.e.", fontsize="small")
+    return _save(fig, path)
+
+
+def _lr_rule(row: dict[str, Any]) -> str:
+    rule = row.get("lr_rule")
+    return DEFAULT_LR_RULE if rule in (None, "") else str(rule)
+
+
+def _finite(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+def plot_lr_landscape(
+    rows: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    *,
+    y: str = "final_train_error",
+    statuses: Sequence[str] | None = ("finished",),
+) -> list[Path]:
+    """``y`` against learning rate (log x), one line per width, one panel per (structure, lr rule).
+
+    The lr rule is the row's optional ``"lr_rule"`` key (rows from ``collect_runs`` do not carry
+    it; then ``"structure-aware"``). Seeds are averaged per (structure, rule, width, lr). Errors are
+    shown in percent. Returns the PNG and PDF paths. Raises ValueError when no row is usable.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("plot_lr_landscape: no rows to plot (empty run table)")
+    groups: dict[tuple[str, str], dict[Any, dict[float, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for r in rows:
+        if statuses is not None and r.get("status") not in statuses:
+            continue
+        lr, yv = _finite(r.get("lr")), _finite(r.get(y))
+        if lr is None or lr <= 0 or yv is None:
+            continue
+        groups[(str(r.get("structure")), _lr_rule(r))][r.get("width")][lr].append(yv)
+    if not groups:
+        raise ValueError(
+            f"plot_lr_landscape: none of the {len(rows)} row(s) has status in {statuses}, "
+            f"a positive 'lr' and a finite {y!r}"
+        )
+    scale = 100.0 if _is_error(y) else 1.0
+    widths = sorted({w for g in groups.values() for w in g}, key=lambda w: (w is None, w or 0))
+    colour_of = dict(zip(widths, _colours(len(widths)), strict=True))
+
+    plt = _pyplot()
+    panels = sorted(groups)
+    ncols = min(len(panels), 3)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False, sharey=True
+    )
+    for ax, key in zip(axes.flat, panels, strict=False):
+        for width in sorted(groups[key], key=lambda w: (w is None, w or 0)):
+            by_lr = groups[key][width]
+            lrs = sorted(by_lr)
+            ax.plot(
+                lrs,
+                [float(np.mean(by_lr[lr])) * scale for lr in lrs],
+                "o-",
+                color=colour_of[width],
+                label=f"width {width}",
+            )
+        ax.set_xscale("log")
+        ax.set_title(f"{key[0]} (lr rule: {key[1]})")
+        ax.set_xlabel(_label("lr"))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(_label(y))
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"{_label(y).split(' (')[0]} vs learning rate (mean over seeds)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_from_dirs(
+    dirs: Iterable[str | os.PathLike] | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    kind: str = "scaling",
+    **kwargs: Any,
+) -> list[Path]:
+    """Collect runs under ``dirs`` and draw ``kind`` ("scaling" or "lr") into ``out_dir``.
+
+    Files are ``out_dir/scaling.{png,pdf}`` or ``out_dir/lr_landscape.{png,pdf}``; ``kwargs`` go
+    to ``plot_scaling`` / ``plot_lr_landscape``.
+    """
+    from structlin.scaling.results import collect_runs
+
+    plotters = {"scaling": (plot_scaling, "scaling"), "lr": (plot_lr_landscape, "lr_landscape")}
+    if kind not in plotters:
+        raise ValueError(f"unknown plot kind {kind!r}; expected one of {sorted(plotters)}")
+    fn, name = plotters[kind]
+    return fn(collect_runs(dirs), Path(out_dir) / name, **kwargs)
