@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import functools
 import json
-import os
 import platform
 import statistics
 import sys
@@ -49,10 +48,12 @@ import torch.nn.functional as F
 
 import structlin.data.cifar as cifar_module
 from structlin import mup
+from structlin.bench import cpu_model
 from structlin.models import MLP
 from structlin.train import Trainer, load_config
 from structlin.train.build import CIFAR_MEAN, CIFAR_STD
 from structlin.train.schedule import lr_factor
+from structlin.utils.io import atomic_write_text
 from structlin.utils.malloc import tune_malloc
 
 HERE = Path(__file__).resolve().parent
@@ -201,29 +202,6 @@ def _profiled(fn, args: argparse.Namespace, steps: int, name: str, stamps):
     return wrapped
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default=str(DEFAULT_SOURCE), help="CIFAR-10 archive or folder")
@@ -303,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             f" | {row['ratio_to_bare']:.3f} | {target} |"
         )
     payload = {
-        "machine": _cpu_name(),
+        "machine": cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -318,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "seconds": time.perf_counter() - t0,
     }
-    _write_json(Path(args.out), payload)
+    atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {args.out} ({payload['seconds']:.0f} s)")
     return 0
 

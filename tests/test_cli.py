@@ -119,3 +119,32 @@ def test_plot_command(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "runs"), "--out", str(tmp_path / "fig")]) == 0
     assert (tmp_path / "fig" / "scaling.png").stat().st_size > 0
     assert (tmp_path / "fig" / "scaling.pdf").stat().st_size > 0
+
+
+def test_bench_command_writes_rows_and_settings(tmp_path):
+    import json
+
+    out = tmp_path / "b.json"
+    args = [
+        "bench",
+        "--d",
+        "64",
+        "--batch",
+        "8",
+        "--rank",
+        "1",
+        "--repeats",
+        "2",
+        "--inner",
+        "2",
+        "--no-tune-malloc",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    assert data["machine"]["inner"] == 2 and data["machine"]["repeats"] == 2
+    names = {r["structure"] for r in data["rows"]}
+    assert {"dense", "btt:r=1", "btt_naive:r=1", "monarch:b=4", "tt"} <= names
+    btt = next(r for r in data["rows"] if r["structure"] == "btt:r=1")
+    assert btt["flop_ratio"] > 1 and btt["speedup_vs_naive"] > 0

@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from .layers import BTTLinear, make_linear
+from .utils.io import atomic_write_text
 from .utils.malloc import tune_malloc
 
-__all__ = ["BenchRow", "NaiveBTT", "main", "run_benchmark"]
+__all__ = ["BenchRow", "NaiveBTT", "cpu_model", "main", "run_benchmark"]
 
 
 class NaiveBTT(nn.Module):
@@ -186,7 +187,7 @@ def machine_info(device: str) -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
     }
@@ -195,7 +196,7 @@ def machine_info(device: str) -> dict[str, object]:
     return info
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -203,13 +204,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -239,12 +233,22 @@ def run_from_args(args: argparse.Namespace) -> list[BenchRow]:
         "dtype": args.dtype,
         "device": args.device,
         "malloc_tuned": tuned,
+        "repeats": args.repeats,
+        "inner": args.inner,
     }
     print(json.dumps(info))
     rows = run_benchmark(
-        args.batch, args.d, args.rank, repeats=args.repeats, device=args.device, dtype=dtype
+        args.batch,
+        args.d,
+        args.rank,
+        repeats=args.repeats,
+        inner=args.inner,
+        device=args.device,
+        dtype=dtype,
     )
-    _write_json_atomic(args.out, {"machine": info, "rows": [asdict(r) for r in rows]})
+    atomic_write_text(
+        args.out, json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2)
+    )
     print(f"wrote {args.out}")
     return rows
 

@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write as _atomic_write
-from ._io import cache_dir as _cache_dir
+from ..utils.io import atomic_write as _atomic_write
+from ..utils.io import cache_dir as _cache_dir
+from .arrays import ImageArrays
 
 __all__ = ["CifarArrays", "load_cifar"]
 
@@ -70,9 +71,7 @@ _REMOTES: dict[str, _Remote] = {
 }
 
 
-# eq=False: dataclass equality would compare arrays elementwise and raise on truth testing.
-@dataclass(frozen=True, eq=False)
-class CifarArrays:
+class CifarArrays(ImageArrays):
     """A CIFAR dataset held in memory.
 
     Attributes:
@@ -82,18 +81,6 @@ class CifarArrays:
         test_y: ``(N_test,)`` int64 labels.
         classes: class names; CIFAR-100 uses the 100 fine labels.
     """
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    classes: list[str]
-
-    def __repr__(self) -> str:
-        return (
-            f"CifarArrays(train_x={self.train_x.shape}, test_x={self.test_x.shape}, "
-            f"classes={len(self.classes)})"
-        )
 
 
 def load_cifar(

@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write as _atomic_write
-from ._io import cache_dir as _cache_dir
+from ..utils.io import atomic_write as _atomic_write
+from ..utils.io import cache_dir as _cache_dir
+from .arrays import ImageArrays
 
 __all__ = ["FashionMnistArrays", "load_fashion_mnist"]
 
@@ -109,9 +110,7 @@ _REMOTES: dict[str, _Remote] = {
 }
 
 
-# eq=False: dataclass equality would compare arrays elementwise and raise on truth testing.
-@dataclass(frozen=True, eq=False)
-class FashionMnistArrays:
+class FashionMnistArrays(ImageArrays):
     """Fashion-MNIST held in memory.
 
     Attributes:
@@ -121,18 +120,6 @@ class FashionMnistArrays:
         test_y: ``(10000,)`` int64 labels.
         classes: the 10 class names, ``"T-shirt/top"`` ... ``"Ankle boot"``.
     """
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    classes: list[str]
-
-    def __repr__(self) -> str:
-        return (
-            f"FashionMnistArrays(train_x={self.train_x.shape}, test_x={self.test_x.shape}, "
-            f"classes={len(self.classes)})"
-        )
 
 
 def load_fashion_mnist(

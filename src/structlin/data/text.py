@@ -32,7 +32,7 @@ import torch
 if TYPE_CHECKING:
     import tiktoken
 
-from ._io import cache_dir as _cache_dir
+from ..utils.io import cache_dir as _cache_dir
 
 __all__ = [
     "CharTokenizer",

@@ -1,4 +1,4 @@
-"""File-system helpers shared by the data loaders: the cache location and atomic writes."""
+"""File-system helpers: the data cache location and atomic (write-then-rename) writes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "cache_dir"]
+__all__ = ["atomic_write", "atomic_write_text", "cache_dir"]
 
 
 def cache_dir(root: str | Path | None) -> Path:
@@ -36,3 +36,11 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return path
