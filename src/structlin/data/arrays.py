@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["ImageArrays"]
+from ..utils.io import atomic_write
+
+__all__ = ["ImageArrays", "load_npz", "save_npz"]
+
+log = logging.getLogger(__name__)
+A = TypeVar("A", bound="ImageArrays")
 
 
 # eq=False: dataclass equality would compare arrays elementwise and raise on truth testing.
@@ -25,3 +34,37 @@ class ImageArrays:
             f"{type(self).__name__}(train_x={self.train_x.shape}, test_x={self.test_x.shape}, "
             f"classes={len(self.classes)})"
         )
+
+
+def save_npz(arrays: ImageArrays, path: Path) -> None:
+    """Write ``arrays`` as an uncompressed ``.npz`` atomically (no pickles inside)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(f: Any) -> None:
+        np.savez(
+            f,
+            train_x=arrays.train_x,
+            train_y=arrays.train_y,
+            test_x=arrays.test_x,
+            test_y=arrays.test_y,
+            classes=np.array(arrays.classes, dtype=str),
+        )
+
+    atomic_write(path, write)
+
+
+def load_npz(cls: type[A], path: Path) -> A | None:
+    """Read a :func:`save_npz` file as ``cls``; None (with a warning) if it is damaged."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return cls(
+                train_x=f["train_x"],
+                train_y=f["train_y"],
+                test_x=f["test_x"],
+                test_y=f["test_y"],
+                classes=[str(c) for c in f["classes"]],
+            )
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        # A damaged cache is only a lost shortcut; the caller decodes again and overwrites it.
+        log.warning("ignoring unreadable cache %s: %s", path, e)
+        return None

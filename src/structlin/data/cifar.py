@@ -14,9 +14,6 @@ import logging
 import os
 import pickle
 import tarfile
-import urllib.error
-import urllib.request
-import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.io import atomic_write as _atomic_write
 from ..utils.io import cache_dir as _cache_dir
-from .arrays import ImageArrays
+from ..utils.io import download
+from .arrays import ImageArrays, load_npz, save_npz
 
 __all__ = ["CifarArrays", "load_cifar"]
 
@@ -188,62 +185,20 @@ def _find_cached(name: str, cache_dir: Path) -> CifarArrays | None:
 
 
 def _read_cache(path: Path) -> CifarArrays | None:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = CifarArrays(
-                train_x=f["train_x"],
-                train_y=f["train_y"],
-                test_x=f["test_x"],
-                test_y=f["test_y"],
-                classes=[str(c) for c in f["classes"]],
-            )
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        # A damaged cache is only a lost shortcut; the caller decodes again and overwrites it.
-        log.warning("ignoring unreadable cache %s: %s", path, e)
-        return None
-    return arrays
+    return load_npz(CifarArrays, path)
 
 
 def _write_cache(path: Path, arrays: CifarArrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(f: Any) -> None:
-        np.savez(
-            f,
-            train_x=arrays.train_x,
-            train_y=arrays.train_y,
-            test_x=arrays.test_x,
-            test_y=arrays.test_y,
-            classes=np.array(arrays.classes, dtype=str),
-        )
-
-    _atomic_write(path, write)
+    save_npz(arrays, path)
 
 
 def _download(remote: _Remote, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s to %s", remote.url, dest)
-    digest = hashlib.md5(usedforsecurity=False)
-
-    def write(f: Any) -> None:
-        try:
-            with urllib.request.urlopen(remote.url, timeout=60) as response:
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    f.write(chunk)
-        except (urllib.error.URLError, OSError) as e:
-            raise ConnectionError(
-                f"could not download {remote.url}: {e}; fetch it by other means and pass "
-                f"source=<path to {remote.filename}>"
-            ) from e
-        if digest.hexdigest() != remote.md5:
-            # Raising inside the atomic write deletes the temp file, so nothing bad is left behind.
-            raise ValueError(
-                f"md5 of {remote.url} is {digest.hexdigest()}, expected {remote.md5}; the download "
-                "is corrupt or was altered: retry, or fetch it by other means and pass source=..."
-            )
-
-    _atomic_write(dest, write)
+    download(
+        remote.url,
+        dest,
+        remote.md5,
+        fetch_hint=f"fetch it by other means and pass source=<path to {remote.filename}>",
+    )
 
 
 # --- reading sources -----------------------------------------------------------------------------

@@ -12,20 +12,16 @@ import hashlib
 import logging
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
-import zipfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ..utils.io import atomic_write as _atomic_write
 from ..utils.io import cache_dir as _cache_dir
-from .arrays import ImageArrays
+from ..utils.io import download
+from .arrays import ImageArrays, load_npz, save_npz
 
 __all__ = ["FashionMnistArrays", "load_fashion_mnist"]
 
@@ -252,35 +248,12 @@ def _find_cached(cache_dir: Path) -> FashionMnistArrays | None:
 
 
 def _read_cache(path: Path) -> FashionMnistArrays | None:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return FashionMnistArrays(
-                train_x=f["train_x"],
-                train_y=f["train_y"],
-                test_x=f["test_x"],
-                test_y=f["test_y"],
-                classes=[str(c) for c in f["classes"]],
-            )
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        # A damaged cache is only a lost shortcut; the caller decodes again and overwrites it.
-        log.warning("ignoring unreadable cache %s: %s", path, e)
-        return None
+    return load_npz(FashionMnistArrays, path)
 
 
 def _try_write_cache(path: Path, arrays: FashionMnistArrays) -> None:
-    def write(f: Any) -> None:
-        np.savez(
-            f,
-            train_x=arrays.train_x,
-            train_y=arrays.train_y,
-            test_x=arrays.test_x,
-            test_y=arrays.test_y,
-            classes=np.array(arrays.classes, dtype=str),
-        )
-
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, write)
+        save_npz(arrays, path)
     except OSError as e:
         # A read-only cache dir should cost a re-decode next time, not the data now.
         log.warning("could not write cache %s: %s", path, e)
@@ -350,29 +323,12 @@ def _decode(blobs: dict[str, bytes], where: str) -> FashionMnistArrays:
 
 
 def _download(remote: _Remote, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s to %s", remote.url, dest)
-    digest = hashlib.md5(usedforsecurity=False)
-
-    def write(f: Any) -> None:
-        try:
-            with urllib.request.urlopen(remote.url, timeout=60) as response:
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    f.write(chunk)
-        except (urllib.error.URLError, OSError) as e:
-            raise ConnectionError(
-                f"could not download {remote.url}: {e}; fetch the four files by other means and "
-                "pass source=<their folder>"
-            ) from e
-        if digest.hexdigest() != remote.md5:
-            # Raising inside the atomic write deletes the temp file, so nothing bad is left behind.
-            raise ValueError(
-                f"md5 of {remote.url} is {digest.hexdigest()}, expected {remote.md5}; the download "
-                "is corrupt or was altered: retry, or fetch it by other means and pass source=..."
-            )
-
-    _atomic_write(dest, write)
+    download(
+        remote.url,
+        dest,
+        remote.md5,
+        fetch_hint="fetch the four files by other means and pass source=<their folder>",
+    )
 
 
 def _run(cmd: list[str], cwd: Path) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
 import secrets
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_text", "cache_dir"]
+__all__ = ["atomic_write", "atomic_write_text", "cache_dir", "download"]
 
 
 def cache_dir(root: str | Path | None) -> Path:
@@ -44,3 +48,31 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
     return path
+
+
+def download(url: str, dest: Path, md5: str, *, fetch_hint: str) -> None:
+    """Stream ``url`` into ``dest`` atomically, checking its md5 before the file appears.
+
+    ``fetch_hint`` ends the error message of a failed download, telling the user what to do
+    instead (e.g. ``"fetch it by other means and pass source=<path to ...>"``).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger(__name__).info("downloading %s to %s", url, dest)
+    digest = hashlib.md5(usedforsecurity=False)
+
+    def write(f: Any) -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    f.write(chunk)
+        except (urllib.error.URLError, OSError) as e:
+            raise ConnectionError(f"could not download {url}: {e}; {fetch_hint}") from e
+        if digest.hexdigest() != md5:
+            # Raising inside the atomic write deletes the temp file, so nothing bad is left behind.
+            raise ValueError(
+                f"md5 of {url} is {digest.hexdigest()}, expected {md5}; the download "
+                "is corrupt or was altered: retry, or fetch it by other means and pass source=..."
+            )
+
+    atomic_write(dest, write)
