@@ -169,7 +169,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .scaling.sweep import dry_run, load_sweep, run_sweep, submit_slurm
 
-    sweep = load_sweep(args.spec)
+    sweep = load_sweep(args.spec, extra_set=args.set)
     print(dry_run(sweep))
     if args.dry_run:
         return 0
@@ -255,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="run (or submit) a grid of training runs from a spec")
     sw.add_argument("spec", help="sweep YAML, e.g. configs/sweeps/cifar10_mlp_scaling-cpu.yaml")
     sw.add_argument("--dry-run", action="store_true", help="list runs with params/FLOPs only")
+    sw.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides added to every run, e.g. data.source=/data/cifar-10-python.tar.gz",
+    )
     sw.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine")
     sw.add_argument("--threads", type=int, default=None, help="torch threads per run")
     sw.add_argument("--slurm", action="store_true", help="submit a SLURM job array (submitit)")

@@ -76,6 +76,9 @@ def runs(tmp_path):
         error="TrainingDiverged: loss became nan at step 11\n",
     )
     _make_run(root / "empty", _config("empty"))
+    naive = _config("naive_w64", spec="btt")
+    naive["optim"]["lr_rule"] = "dense"
+    _make_run(root / "naive_w64", naive, [_metric(10, 0.3, 0.3, "finished")])
     (root / "not_a_run").mkdir()
     (root / "not_a_run" / "notes.txt").write_text("hi")
     return root
@@ -83,7 +86,7 @@ def runs(tmp_path):
 
 def test_collect_runs(runs):
     rows = {r["name"]: r for r in collect_runs([runs])}
-    assert set(rows) == {"dense_w64", "btt_w128", "lowrank_old", "failed", "empty"}
+    assert set(rows) == {"dense_w64", "btt_w128", "lowrank_old", "failed", "empty", "naive_w64"}
     for r in rows.values():
         assert set(COLUMNS) <= set(r)
 
@@ -105,6 +108,8 @@ def test_collect_runs(runs):
 
     b = rows["btt_w128"]
     assert (b["structure"], b["width"], b["lr"], b["seed"]) == ("btt", 128, 1e-2, 1)
+    assert d["lr_rule"] == b["lr_rule"] == "structure-aware"
+    assert rows["naive_w64"]["lr_rule"] == "dense"
     assert b["params"] == 12345
     assert b["status"] == "running"
 
@@ -120,7 +125,7 @@ def test_collect_runs_single_run_dir_and_dedup(runs):
     one = collect_runs(runs / "dense_w64")
     assert [r["name"] for r in one] == ["dense_w64"]
     both = collect_runs([runs, runs / "btt"])
-    assert len(both) == 5
+    assert len(both) == 6
 
 
 def test_truncated_last_line_is_skipped(tmp_path):

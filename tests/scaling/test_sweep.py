@@ -72,6 +72,31 @@ def test_duplicate_structure_names_get_options_in_run_names(tmp_path):
     assert names == ["btt-rank1_w16_lr3e-03_s0", "btt-rank2_w16_lr3e-03_s0"]
 
 
+def test_entry_lrs_and_extra_set(tmp_path):
+    structs = (
+        "    - {spec: dense, widths: [16]}\n"
+        "    - {spec: 'btt:rank=1', name: naive, widths: [16], lrs: [1e-2, 3e-2],"
+        " set: [optim.lr_rule=dense]}\n"
+    )
+    s = sw.load_sweep(write_spec(tmp_path, structs), extra_set=["optim.clip=0.5"])
+    runs = sw.expand(s)
+    assert [r.name for r in runs] == [
+        "dense_w16_lr3e-03_s0",
+        "naive_w16_lr1e-02_s0",
+        "naive_w16_lr3e-02_s0",
+    ]
+    from structlin.train import load_config
+
+    cfgs = [load_config(r.base, r.overrides) for r in runs]
+    assert [c.optim.lr for c in cfgs] == [3e-3, 1e-2, 3e-2]
+    assert [c.optim.lr_rule for c in cfgs] == ["structure-aware", "dense", "dense"]
+    assert all(c.optim.clip == 0.5 for c in cfgs)
+    with pytest.raises(ValueError, match=r"structures\[0\]: lrs: learning rates must be positive"):
+        sw.load_sweep(write_spec(tmp_path, "    - {spec: dense, widths: [16], lrs: [0]}\n"))
+    with pytest.raises(ValueError, match=r"model.widht"):
+        sw.load_sweep(write_spec(tmp_path), extra_set=["model.widht=3"])
+
+
 # --------------------------------------------------------------------------- expand / dry run
 def test_expand_counts_and_names(tmp_path):
     s = sw.load_sweep(write_spec(tmp_path, extra="  lrs: [1e-3, 3e-3]\n  seeds: [0, 1]\n"))
@@ -102,6 +127,11 @@ def test_dry_run_macs_increase_with_width(tmp_path):
     # dense MLP depth 1: input 3072*w + block 8*w^2 + head w*10
     assert macs[0] == 3072 * 16 + 8 * 16 * 16 + 16 * 10
     assert "new" in table and "MACs/ex" in table
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=str)
+def test_every_shipped_sweep_loads(path):
+    assert sw.expand(sw.load_sweep(path))
 
 
 def test_shipped_cpu_sweep_is_valid():

@@ -33,6 +33,8 @@ def test_trains_logs_and_checkpoints(fake_cifar, tmp_path, tiny_config):
         assert key in r[-1]
     assert r[-1]["train_macs"] == 3 * r[-1]["forward_macs_per_example"] * 12 * 32
     assert r[-1]["lr"] < r[0]["lr"]  # cosine decay
+    walls = [x["wall_time_s"] for x in r]
+    assert 0 < walls[0] <= walls[1] <= walls[2]
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.pt").is_file()
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 12
 
@@ -58,6 +60,8 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(fake_cifar, tmp_path, ti
     a, b = rows(full), rows(part)
     keys = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_macs")
     assert [[x[k] for k in keys] for x in a] == [[x[k] for k in keys] for x in b]
+    # wall time accumulates across the resume instead of restarting from zero
+    assert b[-1]["wall_time_s"] > b[0]["wall_time_s"] > 0
     wa = load_checkpoint(full / "checkpoints" / "last.pt")["model"]
     wb = load_checkpoint(part / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -45,7 +45,7 @@ __all__ = [
 
 _TOP_KEYS = ["base", "set", "grid", "out"]
 _GRID_KEYS = ["structures", "lrs", "seeds"]
-_ENTRY_KEYS = ["spec", "widths", "set", "name"]
+_ENTRY_KEYS = ["spec", "widths", "set", "name", "lrs"]
 
 
 @dataclass
@@ -56,6 +56,7 @@ class SweepStructure:
     widths: list[int]
     set: list[str] = field(default_factory=list)
     name: str | None = None  # run-name prefix; default: the structure name
+    lrs: list[float] | None = None  # this entry's learning rates; default: grid.lrs
 
 
 @dataclass
@@ -145,8 +146,12 @@ def _check_structure(entry: SweepStructure, where: str) -> None:
                 ) from None
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate a sweep spec. Errors name the offending key or structure entry."""
+def load_sweep(path: str | Path, extra_set: list[str] | None = None) -> Sweep:
+    """Read and validate a sweep spec. Errors name the offending key or structure entry.
+
+    ``extra_set`` is appended to the spec's top-level ``set`` (the CLI's ``--set``), for
+    machine-specific overrides such as ``data.source=...`` that do not belong in the spec.
+    """
     import yaml
 
     from ..train.config import load_config
@@ -168,7 +173,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise FileNotFoundError(f"{p}: base config {base} does not exist")
     out = Path(data["out"])
     out = (out if out.is_absolute() else here / out).resolve()
-    common = _str_list(data.get("set"), f"{p}: set")
+    common = _str_list(data.get("set"), f"{p}: set") + list(extra_set or [])
     try:
         cfg = load_config(base, common)
     except ValueError as e:
@@ -192,6 +197,7 @@ def load_sweep(path: str | Path) -> Sweep:
             widths=item["widths"],
             set=_str_list(item.get("set"), f"{where}: set"),
             name=item.get("name"),
+            lrs=None if item.get("lrs") is None else _parse_lrs(item["lrs"], f"{where}: lrs"),
         )
         _check_structure(entry, where)
         if entry.set:
@@ -202,19 +208,7 @@ def load_sweep(path: str | Path) -> Sweep:
         structures.append(entry)
 
     lrs = grid.get("lrs")
-    if lrs is None:
-        lrs = [cfg.optim.lr]
-    if not isinstance(lrs, list) or not lrs:
-        raise ValueError(f"{p}: grid.lrs must be a non-empty list of numbers")
-    parsed = []
-    for lr in lrs:
-        try:
-            value = float(lr)
-        except (TypeError, ValueError):
-            raise ValueError(f"{p}: grid.lrs: expected a number, got {lr!r}") from None
-        if isinstance(lr, bool) or not value > 0 or not math.isfinite(value):
-            raise ValueError(f"{p}: grid.lrs: learning rates must be positive, got {lr!r}")
-        parsed.append(value)
+    parsed = [cfg.optim.lr] if lrs is None else _parse_lrs(lrs, f"{p}: grid.lrs")
     seeds = grid.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds:
         raise ValueError(f"{p}: grid.seeds must be a non-empty list of integers")
@@ -224,6 +218,21 @@ def load_sweep(path: str | Path) -> Sweep:
     sweep = Sweep(base, out, structures, parsed, list(seeds), common, p)
     expand(sweep)  # raises on duplicate run names
     return sweep
+
+
+def _parse_lrs(lrs: Any, where: str) -> list[float]:
+    if not isinstance(lrs, list) or not lrs:
+        raise ValueError(f"{where} must be a non-empty list of numbers, got {lrs!r}")
+    parsed = []
+    for lr in lrs:
+        try:
+            value = float(lr)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected a number, got {lr!r}") from None
+        if isinstance(lr, bool) or not value > 0 or not math.isfinite(value):
+            raise ValueError(f"{where}: learning rates must be positive, got {lr!r}")
+        parsed.append(value)
+    return parsed
 
 
 # --------------------------------------------------------------------------- expansion
@@ -253,7 +262,7 @@ def expand(sweep: Sweep) -> list[RunSpec]:
     runs = []
     for entry, prefix in zip(sweep.structures, _prefixes(sweep), strict=True):
         for width in entry.widths:
-            for lr in sweep.lrs:
+            for lr in entry.lrs or sweep.lrs:
                 for seed in sweep.seeds:
                     name = f"{prefix}_w{width}_lr{_lr_tag(lr)}_s{seed}"
                     overrides = [

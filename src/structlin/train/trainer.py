@@ -118,8 +118,10 @@ class Trainer:
         if config.train.compile:
             self.forward = torch.compile(self.forward)
         self.macs_per_example = forward_macs(self.model, self._example())
+        self.num_params = sum(p.numel() for p in self.model.parameters())
         self.step = 0
         self.samples = 0
+        self.wall_time = 0.0  # seconds in the training loop, summed over resumes
         self._running = {"loss": 0.0, "acc": 0.0, "n": 0}
         self._stop_signal: int | None = None
         if self.data.kind == "text":
@@ -248,6 +250,7 @@ class Trainer:
         state = {
             "step": self.step,
             "samples": self.samples,
+            "wall_time": self.wall_time,
             "running": dict(self._running),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -289,7 +292,9 @@ class Trainer:
         return self.ckpt_path
 
     def _load(self) -> None:
-        state = load_checkpoint(self.ckpt_path, map_location=self.device)
+        # Load on CPU: RNG states must stay CPU ByteTensors, and load_state_dict moves the
+        # model's and optimizer's tensors to their parameters' device anyway.
+        state = load_checkpoint(self.ckpt_path, map_location="cpu")
         if state.get("config_hash") != config_hash(self.cfg):
             raise ValueError(
                 f"cannot resume {self.out}: the checkpoint was written with a different config"
@@ -310,6 +315,7 @@ class Trainer:
             self.data.train.load_state_dict(mine)
         self.step = state["step"]
         self.samples = state["samples"]
+        self.wall_time = float(state.get("wall_time", 0.0))
         self._running = dict(state["running"])
 
     # ------------------------------------------------------------------ loop
@@ -363,6 +369,7 @@ class Trainer:
         bar = _progress(self.total_steps, self.step, enabled=t.progress and self.is_main)
         last: dict[str, Any] = {"status": "finished", "step": self.step}
         t_start, samples_start = time.perf_counter(), self.samples
+        wall_start = self.wall_time
         self.model.train()
         while self.step < self.total_steps:
             x, targets, batch = next(batches)
@@ -387,6 +394,7 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
+            self.wall_time = wall_start + time.perf_counter() - t_start
             n = x.shape[0]
             self.samples += n * self.world_size
             self._running["loss"] += loss.item() * n
@@ -430,7 +438,9 @@ class Trainer:
             **self.evaluate(),
             "samples_per_s": samples_per_s,
             "samples": self.samples,
+            "wall_time_s": self.wall_time,
             "forward_macs_per_example": self.macs_per_example,
+            "params": self.num_params,
             "train_macs": 3 * self.macs_per_example * self.samples,
             "status": "running" if self.step < self.total_steps else "finished",
         }
