@@ -200,3 +200,15 @@ def test_compiled_training_matches_eager(fake_cifar, tmp_path, tiny_config):
         tiny_config("train.steps=4", "train.compile=true"), tmp_path / "c", log=None
     ).fit()
     assert comp["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-4)
+
+
+def test_ckpt_every_zero_writes_no_checkpoint(tmp_path, tiny_config):
+    run = tmp_path / "run"
+    result = Trainer(tiny_config("train.ckpt_every=0", "train.steps=4"), run, log=None).fit()
+    assert result["status"] == "finished"
+    assert not (run / "checkpoints" / "last.pt").exists()
+    assert rows(run)[-1]["status"] == "finished"
+    with pytest.raises(ValueError, match="ckpt_every"):
+        tiny_config("train.ckpt_every=-1")
+    with pytest.raises(ValueError, match="eval_every"):
+        tiny_config("train.eval_every=0")

@@ -180,8 +180,9 @@ def plot_lr_landscape(
     """``y`` against learning rate (log x), one line per width, one panel per (structure, lr rule).
 
     The lr rule is the row's ``"lr_rule"`` key (``collect_runs`` reads it from the run's config;
-    rows without it count as ``"structure-aware"``). Seeds are averaged per (structure, rule, width, lr). Errors are
-    shown in percent. Returns the PNG and PDF paths. Raises ValueError when no row is usable.
+    rows without it count as ``"structure-aware"``). Seeds are averaged per (structure, rule,
+    width, lr). Errors are shown in percent. Returns the PNG and PDF paths. Raises ValueError
+    when no row is usable.
     """
     rows = list(rows)
     if not rows:

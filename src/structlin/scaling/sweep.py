@@ -321,11 +321,17 @@ def _linear_macs_params(model: Any) -> tuple[int, int]:
     return macs, params
 
 
+_GPT2_VOCAB = 50257
+
+
 def measure(run: RunSpec) -> dict[str, Any]:
     """Forward MACs per example and parameters of ``run``'s model, built on ``meta``.
 
-    For the MLP these are the whole model's (its MACs are all in linear layers); for other
-    models only the linear layers' parameters are reported (``macs`` is None)."""
+    For the MLP these are the whole model's (its MACs are all in linear layers). For GPT-2 with
+    the GPT-2 BPE (vocabulary 50257, known without reading the text) an example is one sequence
+    of ``block_size`` tokens, as the trainer counts it (``flops_per_token() * block_size``), and
+    params are all parameters. For other models only the linear layers' parameters are reported
+    (``macs`` is None)."""
     import torch
 
     from ..train.build import DataBundle, build_model
@@ -333,7 +339,15 @@ def measure(run: RunSpec) -> dict[str, Any]:
 
     cfg = load_config(run.base, run.overrides)
     if cfg.task == "lm":
-        return {"macs": None, "params": None}
+        if cfg.model.name != "gpt2" or cfg.data.tokenizer != "gpt2":
+            return {"macs": None, "params": None}  # a char vocabulary depends on the text
+        data = DataBundle("text", None, None, _GPT2_VOCAB)
+        with torch.device("meta"):
+            model, _ = build_model(cfg, data, torch.device("meta"))
+        return {
+            "macs": model.flops_per_token() * cfg.data.block_size,
+            "params": model.num_params(non_embedding=False),
+        }
     if cfg.data.name == "imagenet":
         size = int(cfg.model.kwargs.get("image_size", 224))
         shape, classes = (3, size, size), 1000

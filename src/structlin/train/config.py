@@ -95,7 +95,7 @@ class TrainConfig:
     steps: int | None = None
     epochs: float | None = None
     eval_every: int = 100
-    ckpt_every: int = 500
+    ckpt_every: int = 500  # 0: never write checkpoints (the run cannot be resumed)
     seed: int = 0
     device: str = "auto"
     autocast: str = "auto"  # "auto" = bf16 on CUDA, off elsewhere; or "bf16", "off"
@@ -232,6 +232,15 @@ def _validate(c: Config) -> None:
         )
     if c.data.batch_size < 1:
         raise ValueError(f"data.batch_size must be positive, got {c.data.batch_size}")
+    if c.train.eval_every < 1:
+        raise ValueError(
+            f"train.eval_every must be a positive step count, got {c.train.eval_every}"
+        )
+    if c.train.ckpt_every < 0:
+        raise ValueError(
+            f"train.ckpt_every must be a step count, or 0 for no checkpoints; got "
+            f"{c.train.ckpt_every}"
+        )
 
 
 def config_hash(config: Config) -> str:

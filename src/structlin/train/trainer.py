@@ -413,11 +413,16 @@ class Trainer:
                     )
                 else:
                     self.log(_fmt(last))
-            if self.step % t.ckpt_every == 0 or done:
+            keep = t.ckpt_every > 0  # 0: no checkpoints (sweeps that never resume)
+            if keep and (self.step % t.ckpt_every == 0 or done):
                 self.save()
             if self._stop_signal is not None:
-                self.save()
-                self.log(f"signal {self._stop_signal}: saved {self.ckpt_path} at step {self.step}")
+                if keep:
+                    self.save()
+                    saved = f"saved {self.ckpt_path}"
+                else:
+                    saved = "no checkpoint (train.ckpt_every=0)"
+                self.log(f"signal {self._stop_signal}: {saved} at step {self.step}")
                 last = {**last, "status": "interrupted", "step": self.step}
                 break
         if bar is not None:
