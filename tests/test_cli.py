@@ -63,7 +63,7 @@ def test_sweep_dry_run_lists_runs(capsys):
     )
     assert main(["sweep", str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "dense_w32_lr3e-03_s0" in out and "btt" in out and "MACs/ex" in out
+    assert "dense_w32_lr1e-02_s0" in out and "btt" in out and "MACs/ex" in out
 
 
 def _fake_run(root, structure, width, macs, err):

@@ -200,7 +200,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from .scaling.results import collect_runs
 
     rows = collect_runs(args.dirs)
-    fits = fit_by_structure(rows, x=args.x, y=args.y, irreducible=args.irreducible)
+    fits = fit_by_structure(rows, x=args.x, y=args.y, irreducible=args.irreducible, by=args.by)
     if not fits:
         raise ValueError("no structure has 3 or more finished widths to fit")
     print(f"{'structure':<20}{'exponent b':>12}{'± se':>8}{'a':>12}{'e0':>8}{'R^2':>7}{'n':>4}")
@@ -209,7 +209,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             f"{name:<20}{f.b:>12.4f}{f.b_stderr:>8.4f}{f.a:>12.4g}{f.e0:>8.4f}{f.r2:>7.3f}{f.n:>4}"
         )
     if args.reference in fits:
-        points = points_by_structure(rows, args.x, args.y)
+        points = points_by_structure(rows, args.x, args.y, by=args.by)
         ref = points[args.reference]
         at = args.at_error if args.at_error is not None else float(min(ref[1]))
         for name in fits:
@@ -288,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="error level for the multiplier (default: the reference's best)",
     )
     fit.add_argument("--n-boot", type=int, default=1000)
+    fit.add_argument(
+        "--by",
+        default="structure",
+        choices=["structure", "group"],
+        help="what a curve is: the structure spec, or the sweep entry (run-name prefix)",
+    )
     fit.set_defaults(func=_cmd_fit)
 
     plot = sub.add_parser("plot", help="paper-style figures (PNG and PDF) from training runs")

@@ -208,3 +208,16 @@ def test_fit_by_structure_picks_best_lr_and_averages_seeds():
     assert fits["dense"].n == 4
     pts = points_by_structure(rows, statuses=None)
     assert pts["dense"][0].size == 5  # the failed run counts when statuses=None
+
+
+def test_group_key_separates_entries_with_one_spec():
+    rows = []
+    for group, a in (("btt", 2.0), ("btt_head", 1.0)):
+        for w in (16, 32, 64):
+            macs = 1e6 * w
+            rows.append({**_row("btt:rank=4", w, 1e-3, 0, macs, a * macs**-0.2), "group": group})
+    assert set(fit_by_structure(rows)) == {"btt:rank=4"}  # one spec: merged by default
+    fits = fit_by_structure(rows, by="group")
+    assert set(fits) == {"btt", "btt_head"}
+    assert fits["btt"].a == pytest.approx(2.0, rel=1e-9)
+    assert fits["btt_head"].b == pytest.approx(0.2, rel=1e-9)

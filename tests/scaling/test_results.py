@@ -168,3 +168,17 @@ def test_write_and_format_table(runs, tmp_path):
     assert len(lines) == len(rows) + 1
     assert lines[0].split()[:3] == ["name", "structure", "width"]
     assert "interrupted" in text and "failed" in text
+
+
+@pytest.mark.parametrize(
+    ("name", "group"),
+    [
+        ("btt_head_w128_lr1e-02_s0", "btt_head"),
+        ("btt-rank2_w64_lr3.000e-03_s12", "btt-rank2"),
+        ("dense_w64", "dense_w64"),  # not a sweep name: the name itself
+    ],
+)
+def test_group_is_the_sweep_entry_prefix(tmp_path, name, group):
+    _make_run(tmp_path / name, _config(name), [_metric(10, 0.5, 0.5, "finished")])
+    (row,) = collect_runs([tmp_path])
+    assert row["group"] == group

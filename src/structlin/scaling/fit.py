@@ -305,12 +305,16 @@ def points_by_structure(
     y: str = "final_test_error",
     *,
     statuses: Sequence[str] | None = ("finished",),
+    by: str = "structure",
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{structure: (C, err)}``, one point per width, from ``collect_runs`` rows.
 
     Rows whose status is not in ``statuses`` (None: any) or without positive ``x``/``y`` are
     left out. Seeds are averaged per (structure, width, lr); then, per (structure, width), the
-    lr with the lowest mean ``y`` is kept. Points are sorted by compute.
+    lr with the lowest mean ``y`` is kept. Points are sorted by compute. ``by`` names the row
+    key that defines a "structure": ``"structure"`` (the spec) or ``"group"`` (the sweep entry's
+    run-name prefix, which tells apart two entries with one spec, e.g. with and without a
+    structured head).
     """
     groups: dict[tuple[str, Any, Any], list[tuple[float, float]]] = defaultdict(list)
     for r in rows:
@@ -319,7 +323,7 @@ def points_by_structure(
         xv, yv = _value(r, x), _value(r, y)
         if xv is None or yv is None:
             continue
-        groups[(str(r.get("structure")), r.get("width"), r.get("lr"))].append((xv, yv))
+        groups[(str(r.get(by)), r.get("width"), r.get("lr"))].append((xv, yv))
     best: dict[tuple[str, Any], tuple[float, float]] = {}
     for (struct, width, _lr), vals in sorted(groups.items(), key=lambda kv: str(kv[0])):
         mx, my = float(np.mean([v[0] for v in vals])), float(np.mean([v[1] for v in vals]))
@@ -339,13 +343,14 @@ def fit_by_structure(
     irreducible: bool = False,
     *,
     statuses: Sequence[str] | None = ("finished",),
+    by: str = "structure",
 ) -> dict[str, PowerLawFit]:
     """Fit a power law of ``y`` against ``x`` per structure (points from ``points_by_structure``).
 
     A structure with fewer than 3 widths is skipped with a warning.
     """
     fits: dict[str, PowerLawFit] = {}
-    for struct, (C, err) in points_by_structure(rows, x, y, statuses=statuses).items():
+    for struct, (C, err) in points_by_structure(rows, x, y, statuses=statuses, by=by).items():
         if C.size < 3:
             warnings.warn(
                 f"structure {struct!r}: only {C.size} width(s) with usable {x}/{y}; "

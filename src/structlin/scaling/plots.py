@@ -99,6 +99,7 @@ def plot_scaling(
     y: str = "final_test_error",
     irreducible: bool = False,
     statuses: Sequence[str] | None = ("finished",),
+    by: str = "structure",
 ) -> list[Path]:
     """Log-log ``y`` against compute ``x``, one colour per structure, with power-law fits.
 
@@ -112,7 +113,7 @@ def plot_scaling(
     rows = list(rows)
     if not rows:
         raise ValueError("plot_scaling: no rows to plot (empty run table)")
-    points = points_by_structure(rows, x, y, statuses=statuses)
+    points = points_by_structure(rows, x, y, statuses=statuses, by=by)
     if not points:
         raise ValueError(
             f"plot_scaling: none of the {len(rows)} row(s) has status in {statuses} and "
@@ -125,11 +126,12 @@ def plot_scaling(
             f"plot_scaling: a power-law fit needs at least 3 widths per structure; got {counts}"
         )
     fits = fit_by_structure(
-        [r for r in rows if str(r.get("structure")) in fittable],
+        [r for r in rows if str(r.get(by)) in fittable],
         x,
         y,
         irreducible,
         statuses=statuses,
+        by=by,
     )
     scale = 100.0 if _is_error(y) else 1.0
 

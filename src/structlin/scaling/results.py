@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +21,7 @@ COLUMNS = [
     "name",
     "path",
     "structure",
+    "group",
     "model",
     "width",
     "depth",
@@ -107,6 +109,15 @@ def _get(d: Any, *keys: str) -> Any:
     return d
 
 
+_SWEEP_NAME = re.compile(r"(.+)_w\d+_lr[^_]+_s-?\d+")
+
+
+def _group(name: str) -> str:
+    """A sweep run's entry prefix (``btt_head_w128_lr1e-02_s0`` -> ``btt_head``), else the name."""
+    m = _SWEEP_NAME.fullmatch(name)
+    return m.group(1) if m else name
+
+
 def read_run(run_dir: str | os.PathLike, *, stale_after_s: float = STALE_AFTER_S) -> dict[str, Any]:
     """One table row for the run in ``run_dir`` (see ``COLUMNS``)."""
     import yaml
@@ -138,6 +149,7 @@ def read_run(run_dir: str | os.PathLike, *, stale_after_s: float = STALE_AFTER_S
         "name": cfg.get("name") or run.name,
         "path": str(run),
         "structure": _get(cfg, "structure", "spec") or "dense",
+        "group": _group(cfg.get("name") or run.name),
         "model": _get(cfg, "model", "name"),
         "width": _get(cfg, "model", "width"),
         "depth": _get(cfg, "model", "depth"),
