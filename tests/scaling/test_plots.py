@@ -5,7 +5,7 @@ import yaml
 
 pytest.importorskip("matplotlib")
 
-from structlin.scaling.plots import plot_from_dirs, plot_lr_landscape, plot_scaling
+from structlin.scaling.plots import plot_curves, plot_from_dirs, plot_lr_landscape, plot_scaling
 
 WIDTHS = [32, 64, 128, 256]
 LRS = [1e-3, 3e-3, 1e-2]
@@ -119,3 +119,25 @@ def test_plot_from_dirs(tmp_path):
     _check(paths, tmp_path)
     with pytest.raises(ValueError, match="unknown plot kind"):
         plot_from_dirs(runs, out, kind="bogus")
+
+
+def test_plot_curves_panels_colours_and_cut_runs(tmp_path):
+    full = [{"step": s, "train_loss": 5.0 - 0.01 * s} for s in range(0, 101, 10)]
+    cut = full[:5]  # stopped early: marked with an x
+    diverged = [*full[:3], {"step": 30, "train_loss": float("nan")}, *full[4:]]
+    runs = [
+        ("btt lr=0.1 s0", full),
+        ("btt lr=0.1 s1", cut),
+        ("dense lr=0.1 s0", diverged),
+        ("dense lr=0.03 s0", []),  # no rows: left out
+    ]
+    paths = plot_curves(
+        runs,
+        tmp_path / "curves",
+        panel=lambda label: label.split()[1],
+        colour=lambda label: label.split()[0],
+        title="test",
+    )
+    _check(paths, tmp_path)
+    with pytest.raises(ValueError, match="no run has a finite"):
+        plot_curves([("a", [{"step": 1, "train_loss": float("nan")}])], tmp_path / "x")

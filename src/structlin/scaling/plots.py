@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ _LABELS = {
     "forward_macs_per_example": "forward compute per example (MACs)",
     "params": "parameters",
     "steps": "training steps",
+    "step": "training step",
+    "train_loss": "train loss (nats)",
+    "test_loss": "test loss (nats)",
     "wall_time_s": "wall time (s)",
     "lr": "learning rate",
     "final_test_error": "final test error (%)",
@@ -91,6 +94,14 @@ def _colours(n: int) -> list[Any]:
     return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
 
 
+def _plain_log_ticks(axis: Any) -> None:
+    """Label a log axis with plain numbers (errors and losses span well under a decade)."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    axis.set_major_formatter(FormatStrFormatter("%.3g"))
+    axis.set_minor_formatter(FormatStrFormatter("%.3g"))
+
+
 def plot_scaling(
     rows: Sequence[dict[str, Any]],
     path: str | os.PathLike,
@@ -151,6 +162,7 @@ def plot_scaling(
             ax.plot(grid, fit.predict(grid) * scale, "-", color=colour, alpha=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_xlabel(_label(x))
     ax.set_ylabel(_label(y))
     law = "e_0 + a C^{-b}" if irreducible else "a C^{-b}"
@@ -237,6 +249,75 @@ def plot_lr_landscape(
         ax.set_visible(False)
     fig.suptitle(f"{_label(y).split(' (')[0]} vs learning rate (mean over seeds)")
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_curves(
+    runs: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+    path: str | os.PathLike,
+    *,
+    x: str = "step",
+    y: str = "train_loss",
+    panel: Callable[[str], str] | None = None,
+    colour: Callable[[str], str] | None = None,
+    title: str | None = None,
+) -> list[Path]:
+    """Training curves: ``y`` against ``x`` from each run's metrics rows, one line per run.
+
+    ``runs`` is ``[(label, metrics rows)]`` (rows as in ``metrics.jsonl``). ``panel(label)``
+    splits the runs into side-by-side panels (shared y axis) and ``colour(label)`` gives runs
+    the same colour when it returns the same key (e.g. one colour per variant, seeds alike);
+    both default to one group. A run that ends before the longest one is marked with an ``x``
+    at its last point (stopped, diverged or cut short). Non-finite values end a line. Returns
+    the PNG and PDF paths; raises ValueError when no run has a finite point.
+    """
+    panel = panel or (lambda _label: "")
+    colour = colour or (lambda label: label)
+    series = []
+    for label, rows in runs:
+        pts = []
+        for r in rows:
+            xv, yv = _finite(r.get(x)), _finite(r.get(y))
+            if xv is None or yv is None:
+                break
+            pts.append((xv, yv))
+        if pts:
+            series.append((label, np.array(pts)))
+    if not series:
+        raise ValueError(f"plot_curves: no run has a finite {x!r}/{y!r} point")
+    panels = sorted({panel(label) for label, _ in series})
+    keys = sorted({colour(label) for label, _ in series})
+    colour_of = dict(zip(keys, _colours(len(keys)), strict=True))
+    longest = max(float(pts[-1, 0]) for _, pts in series)
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False, sharey=True
+    )
+    for ax, name in zip(axes.flat, panels, strict=True):
+        shown: set[str] = set()
+        for label, pts in series:
+            if panel(label) != name:
+                continue
+            key = colour(label)
+            ax.plot(
+                pts[:, 0],
+                pts[:, 1],
+                "-",
+                color=colour_of[key],
+                alpha=0.8,
+                label=None if key in shown else key,
+            )
+            shown.add(key)
+            if pts[-1, 0] < longest:
+                ax.plot(pts[-1, 0], pts[-1, 1], "x", color=colour_of[key], ms=8)
+        ax.set_xlabel(_label(x))
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    axes.flat[0].set_ylabel(_label(y))
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -1,0 +1,156 @@
+"""Tables, fits and figures of the GPT-2-on-Austen study (docs/results-lm.md).
+
+    python scripts/report_gpt2_austen.py [RESULTS_DIR] [FIGURES_DIR]
+
+RESULTS_DIR (default results/gpt2_austen) holds the run folders lr_tune/, scaling/ and
+wn_stability/ (metrics.jsonl and config.yaml per run, as scripts/gpt2_austen_study.sh leaves
+them). Writes one CSV and JSON table per study next to them, the figures (PNG and PDF) into
+FIGURES_DIR (default docs/figures), and prints the fits, multipliers and the stability table.
+
+Compute is training MACs (3x forward, the trainer's convention) either in total or without the
+output head ("non-embedding", the paper's x axis for GPT-2): 3 * flops_per_token(non_embedding)
+* tokens seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from structlin.scaling import (
+    bootstrap_multiplier,
+    collect_runs,
+    compute_multiplier,
+    fit_by_structure,
+    points_by_structure,
+    write_table,
+)
+from structlin.scaling.plots import plot_curves, plot_scaling
+from structlin.train import load_config
+from structlin.train.build import DataBundle, build_model
+
+GPT2_VOCAB = 50257
+
+
+def nonemb_macs_per_token(run_dir: Path) -> int:
+    cfg = load_config(run_dir / "config.yaml")
+    with torch.device("meta"):
+        model, _ = build_model(
+            cfg, DataBundle("text", None, None, GPT2_VOCAB), torch.device("meta")
+        )
+    return model.flops_per_token(non_embedding=True)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by an interrupted run
+    return rows
+
+
+def collect(study_dir: Path) -> list[dict]:
+    rows = collect_runs([study_dir])
+    for r in rows:
+        last = metrics(Path(r["path"]))[-1]
+        cfg = load_config(Path(r["path"]) / "config.yaml")
+        tokens = last["samples"] * cfg.data.block_size
+        r["tokens"] = tokens
+        r["train_macs_nonemb"] = 3 * nonemb_macs_per_token(Path(r["path"])) * tokens
+        r["path"] = str(Path(r["path"]).relative_to(study_dir.parent.parent.parent))
+    write_table(rows, study_dir.with_suffix(".csv"), study_dir.with_suffix(".json"))
+    return rows
+
+
+def fits_report(rows: list[dict], x: str) -> None:
+    print(f"\n## fits of final val loss vs {x} (per sweep entry)")
+    fits = fit_by_structure(rows, x=x, y="final_test_loss", by="group")
+    pts = points_by_structure(rows, x, "final_test_loss", by="group")
+    for g, f in fits.items():
+        C, L = pts[g]
+        print(
+            f"{g:10s} b={f.b:.4f} ± {f.b_stderr:.4f}  a={f.a:.3g}  R2={f.r2:.2f}  n={f.n}  "
+            f"C {C.min():.3g}..{C.max():.3g} ({C.max() / C.min():.1f}x)  "
+            f"loss {L.max():.3f}..{L.min():.3f}"
+        )
+    ref = fits["dense"]
+    C_ref = pts["dense"][0].max()
+    target = float(ref.predict(np.array([C_ref]))[0])
+    print(f"dense fit at its largest compute {C_ref:.3g}: loss {target:.3f}")
+    for g in fits:
+        if g == "dense":
+            continue
+        m = compute_multiplier(ref, fits[g], target)
+        _, lo, hi = bootstrap_multiplier(pts["dense"], pts[g], target, n_boot=2000)
+        ci = f"{lo:.2f}-{hi:.2f}" if hi < 1e3 else f"{lo:.2g} to >1000: undetermined"
+        print(f"compute multiplier {g} vs dense at loss {target:.3f}: {m:.2f}x (95% {ci})")
+
+
+def stability_report(study_dir: Path, figures: Path) -> None:
+    print("\n## weight-norm stability (spike = largest rise of the train loss above its running")
+    print("## minimum after warm-up; a NaN or a failed run counts as diverged)")
+    groups: dict[tuple[str, float], list[str]] = defaultdict(list)
+    curves = []
+    for r in sorted(collect_runs([study_dir]), key=lambda r: r["name"]):
+        rows = metrics(Path(r["path"]))
+        losses = [m["train_loss"] for m in rows if m["step"] > 40]
+        finite = all(math.isfinite(v) for v in losses)
+        diverged = r["status"] == "failed" or not finite
+        spike = max((v - min(losses[: i + 1]) for i, v in enumerate(losses)), default=0.0)
+        groups[(r["group"], r["lr"])].append(
+            f"s{r['seed']}: steps {r['steps']}, final {r['final_train_loss']:.3f}, "
+            f"spike {spike:.3f}, val {r['final_test_loss']:.3f}"
+            f"{', DIVERGED' if diverged else ''}{'' if r['status'] == 'finished' else ' (cut)'}"
+        )
+        curves.append((f"{r['group']} lr={r['lr']:g} s{r['seed']}", rows))
+    for (g, lr), lines in sorted(groups.items()):
+        print(f"{g:11s} lr={lr:g}")
+        for line in lines:
+            print(f"    {line}")
+    paths = plot_curves(
+        curves,
+        figures / "gpt2_austen_wn_curves",
+        panel=lambda label: label.split()[1],
+        colour=lambda label: label.split()[0],
+        title="GPT-2 on Austen: BTT with/without weight norm at high LR (x = run cut short)",
+    )
+    print("wrote", *paths)
+
+
+def main(argv: list[str]) -> None:
+    results = Path(argv[1] if len(argv) > 1 else "results/gpt2_austen")
+    figures = Path(argv[2] if len(argv) > 2 else "docs/figures")
+    tune = collect(results / "lr_tune")
+    print("## learning-rate tuning (dense, width 128)")
+    for r in sorted(tune, key=lambda r: r["lr"]):
+        print(f"lr={r['lr']:g}: final val loss {r['final_test_loss']:.3f}")
+    rows = collect(results / "scaling")
+    print("\n## scaling runs")
+    for r in sorted(rows, key=lambda r: (r["group"], r["width"])):
+        print(
+            f"{r['group']:9s} w={r['width']:5d} params={r['params'] or 0:>11,} "
+            f"C={r['train_macs']:.3g} C_nonemb={r['train_macs_nonemb']:.3g} "
+            f"val={r['final_test_loss']:.3f} train={r['final_train_loss']:.3f} {r['status']}"
+        )
+    for x in ("train_macs", "train_macs_nonemb"):
+        fits_report(rows, x)
+        suffix = "" if x == "train_macs" else "_nonemb"
+        paths = plot_scaling(
+            rows, figures / f"gpt2_austen_scaling{suffix}", x=x, y="final_test_loss", by="group"
+        )
+        print("wrote", *paths)
+    collect(results / "wn_stability")
+    stability_report(results / "wn_stability", figures)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
