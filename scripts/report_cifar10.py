@@ -26,10 +26,9 @@ import numpy as np
 
 from structlin import make_linear
 from structlin.scaling import (
-    bootstrap_multiplier,
     collect_runs,
     compute_frontier,
-    compute_multiplier,
+    compute_multipliers,
     fit_by_structure,
     fit_power_law,
     points_by_structure,
@@ -89,13 +88,10 @@ def scaling_report(rows: list[dict], figures: Path) -> None:
                 f"R2={f.r2:.2f} n={f.n}  C {C.min():.3g}..{C.max():.3g} "
                 f"({math.log10(C.max() / C.min()):.2f} decades)  err {e.max():.4f}..{e.min():.4f}"
             )
-        ref = fits["dense"]
-        C_ref = pts["dense"][0].max()
-        target = float(ref.predict(np.array([C_ref]))[0])
+        target, mults = compute_multipliers(rows, y=y, by="group", n_boot=2000)
         print(f"multipliers vs dense at dense's fitted {y} at its largest compute: {target:.4f}")
         for g in SCALING[1:]:
-            m = compute_multiplier(ref, fits[g], target)
-            _, lo, hi = bootstrap_multiplier(pts["dense"], pts[g], target, n_boot=2000)
+            m, lo, hi = mults[g]
             ci = f"{lo:.2f}-{hi:.2f}" if hi < 1e3 else f"{lo:.2g} to >1000 (undetermined)"
             print(f"  {g:9s} {m:8.2f}x  (95% bootstrap {ci})")
         name = "cifar10_scaling_" + y.split("_")[1]

@@ -20,13 +20,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from structlin.scaling import (
-    bootstrap_multiplier,
     collect_runs,
-    compute_multiplier,
+    compute_multipliers,
     fit_by_structure,
     points_by_structure,
     write_table,
@@ -82,15 +80,9 @@ def fits_report(rows: list[dict], x: str) -> None:
             f"C {C.min():.3g}..{C.max():.3g} ({C.max() / C.min():.1f}x)  "
             f"loss {L.max():.3f}..{L.min():.3f}"
         )
-    ref = fits["dense"]
-    C_ref = pts["dense"][0].max()
-    target = float(ref.predict(np.array([C_ref]))[0])
-    print(f"dense fit at its largest compute {C_ref:.3g}: loss {target:.3f}")
-    for g in fits:
-        if g == "dense":
-            continue
-        m = compute_multiplier(ref, fits[g], target)
-        _, lo, hi = bootstrap_multiplier(pts["dense"], pts[g], target, n_boot=2000)
+    target, mults = compute_multipliers(rows, x=x, y="final_test_loss", by="group", n_boot=2000)
+    print(f"dense fit at its largest compute {pts['dense'][0].max():.3g}: loss {target:.3f}")
+    for g, (m, lo, hi) in mults.items():
         ci = f"{lo:.2f}-{hi:.2f}" if hi < 1e3 else f"{lo:.2g} to >1000: undetermined"
         print(f"compute multiplier {g} vs dense at loss {target:.3f}: {m:.2f}x (95% {ci})")
 

@@ -192,11 +192,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from .scaling.fit import (
-        bootstrap_multiplier,
-        fit_by_structure,
-        points_by_structure,
-    )
+    from .scaling.fit import compute_multipliers, fit_by_structure
     from .scaling.results import collect_runs
 
     rows = collect_runs(args.dirs)
@@ -209,15 +205,17 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             f"{name:<20}{f.b:>12.4f}{f.b_stderr:>8.4f}{f.a:>12.4g}{f.e0:>8.4f}{f.r2:>7.3f}{f.n:>4}"
         )
     if args.reference in fits:
-        points = points_by_structure(rows, args.x, args.y, by=args.by)
-        ref = points[args.reference]
-        at = args.at_error if args.at_error is not None else float(min(ref[1]))
-        for name in fits:
-            if name == args.reference:
-                continue
-            est, lo, hi = bootstrap_multiplier(
-                ref, points[name], at, n_boot=args.n_boot, irreducible=args.irreducible
-            )
+        at, mults = compute_multipliers(
+            rows,
+            args.reference,
+            x=args.x,
+            y=args.y,
+            by=args.by,
+            at_error=args.at_error,
+            irreducible=args.irreducible,
+            n_boot=args.n_boot,
+        )
+        for name, (est, lo, hi) in mults.items():
             print(
                 f"compute multiplier of {name} vs {args.reference} at error {at:.4f}: "
                 f"{est:.2f}x (95% bootstrap {lo:.2f}-{hi:.2f})"
@@ -285,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--at-error",
         type=float,
         default=None,
-        help="error level for the multiplier (default: the reference's best)",
+        help="error level for the multiplier (default: the reference fit at its largest compute)",
     )
     fit.add_argument("--n-boot", type=int, default=1000)
     fit.add_argument(

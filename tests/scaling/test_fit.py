@@ -8,6 +8,7 @@ from structlin.scaling.fit import (
     bootstrap_multiplier,
     compute_frontier,
     compute_multiplier,
+    compute_multipliers,
     fit_by_structure,
     fit_power_law,
     points_by_structure,
@@ -221,3 +222,23 @@ def test_group_key_separates_entries_with_one_spec():
     assert set(fits) == {"btt", "btt_head"}
     assert fits["btt"].a == pytest.approx(2.0, rel=1e-9)
     assert fits["btt_head"].b == pytest.approx(0.2, rel=1e-9)
+
+
+def test_compute_multipliers_default_level_and_errors():
+    rows = []
+    for struct, a in (("dense", 2.0), ("btt", 1.0)):
+        for w in (16, 32, 64, 128):
+            macs = 1e6 * w**2
+            rows.append(_row(struct, w, 1e-3, 0, macs, a * macs**-0.1))
+    at, mults = compute_multipliers(rows, n_boot=200)
+    # default level: the dense fit at dense's largest compute (here exact: the last point)
+    assert at == pytest.approx(2.0 * (1e6 * 128**2) ** -0.1)
+    est, lo, hi = mults["btt"]
+    # same exponent, half the prefactor: 2^(1/b) = 1024x less compute
+    assert est == pytest.approx(2.0**10, rel=1e-6)
+    assert lo <= est <= hi
+    assert set(mults) == {"btt"}
+    at2, _ = compute_multipliers(rows, at_error=0.1, n_boot=50)
+    assert at2 == 0.1
+    with pytest.raises(ValueError, match="reference 'vit' has no fit"):
+        compute_multipliers(rows, "vit")

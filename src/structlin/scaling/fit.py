@@ -360,3 +360,49 @@ def fit_by_structure(
             continue
         fits[struct] = fit_power_law(C, err, irreducible=irreducible)
     return fits
+
+
+def compute_multipliers(
+    rows: Sequence[dict[str, Any]],
+    reference: str = "dense",
+    *,
+    x: str = "train_macs",
+    y: str = "final_test_error",
+    by: str = "structure",
+    at_error: float | None = None,
+    irreducible: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[float, dict[str, tuple[float, float, float]]]:
+    """Compute multipliers of every other structure against ``reference``, with intervals.
+
+    ``at_error`` defaults to the reference fit's value at the reference's largest compute (the
+    paper's "matches dense ViT-S with 3.8x less compute" reads off the largest dense model; the
+    fit is used rather than the raw point so that one noisy run does not set the level). Points
+    and fits are those of ``points_by_structure`` / ``fit_by_structure`` (structures with fewer
+    than 3 widths are left out). Returns ``(at_error, {structure: (estimate, lo, hi)})`` with the
+    95% bootstrap interval of ``bootstrap_multiplier``.
+
+    Raises ValueError when the reference has no fit.
+    """
+    fits = fit_by_structure(rows, x, y, irreducible, by=by)
+    if reference not in fits:
+        raise ValueError(
+            f"reference {reference!r} has no fit (needs 3 or more finished widths); "
+            f"fitted: {sorted(fits)}"
+        )
+    points = points_by_structure(rows, x, y, by=by)
+    if at_error is None:
+        at_error = float(fits[reference].predict(np.array([points[reference][0].max()]))[0])
+    out = {}
+    for name in fits:
+        if name != reference:
+            out[name] = bootstrap_multiplier(
+                points[reference],
+                points[name],
+                at_error,
+                n_boot=n_boot,
+                seed=seed,
+                irreducible=irreducible,
+            )
+    return at_error, out
