@@ -12,7 +12,7 @@ import numpy as np
 
 from ..utils.io import atomic_write
 
-__all__ = ["ImageArrays", "load_npz", "save_npz"]
+__all__ = ["ImageArrays", "load_first_npz", "load_npz", "save_npz"]
 
 log = logging.getLogger(__name__)
 A = TypeVar("A", bound="ImageArrays")
@@ -68,3 +68,17 @@ def load_npz(cls: type[A], path: Path) -> A | None:
         # A damaged cache is only a lost shortcut; the caller decodes again and overwrites it.
         log.warning("ignoring unreadable cache %s: %s", path, e)
         return None
+
+
+def load_first_npz(
+    cls: type[A], preferred: list[Path], pattern_dir: Path, pattern: str
+) -> A | None:
+    """The first readable cache among ``preferred``, then ``pattern_dir.glob(pattern)`` newest
+    first; None if there is none. Temp files start with "." so the glob skips them."""
+    others = sorted(pattern_dir.glob(pattern), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for path in [*preferred, *others]:
+        if path.is_file():
+            arrays = load_npz(cls, path)
+            if arrays is not None:
+                return arrays
+    return None

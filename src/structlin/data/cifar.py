@@ -24,7 +24,7 @@ import numpy as np
 
 from ..utils.io import cache_dir as _cache_dir
 from ..utils.io import download
-from .arrays import ImageArrays, load_npz, save_npz
+from .arrays import ImageArrays, load_first_npz, load_npz, save_npz
 
 __all__ = ["CifarArrays", "load_cifar"]
 
@@ -168,20 +168,13 @@ def _source_key(src: Path) -> str:
 def _find_cached(name: str, cache_dir: Path) -> CifarArrays | None:
     if not cache_dir.is_dir():
         return None
-    candidates: list[Path] = []
+    preferred: list[Path] = []
     archive = cache_dir / _REMOTES[name].filename
     if archive.is_file():
         # The official archive's decode is the canonical one; prefer it over other sources' decodes.
-        candidates.append(cache_dir / f"{name}-{_source_key(archive)}.npz")
-    # "cifar10-*" cannot match "cifar100-*", and temp files start with "." so are skipped.
-    others = cache_dir.glob(f"{name}-*.npz")
-    candidates += sorted(others, key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    for path in candidates:
-        if path.is_file():
-            arrays = _read_cache(path)
-            if arrays is not None:
-                return arrays
-    return None
+        preferred.append(cache_dir / f"{name}-{_source_key(archive)}.npz")
+    # "cifar10-*" cannot match "cifar100-*".
+    return load_first_npz(CifarArrays, preferred, cache_dir, f"{name}-*.npz")
 
 
 def _read_cache(path: Path) -> CifarArrays | None:

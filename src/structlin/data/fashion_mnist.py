@@ -21,7 +21,7 @@ import numpy as np
 
 from ..utils.io import cache_dir as _cache_dir
 from ..utils.io import download
-from .arrays import ImageArrays, load_npz, save_npz
+from .arrays import ImageArrays, load_first_npz, load_npz, save_npz
 
 __all__ = ["FashionMnistArrays", "load_fashion_mnist"]
 
@@ -235,16 +235,8 @@ def _find_cached(cache_dir: Path) -> FashionMnistArrays | None:
     if not cache_dir.is_dir():
         return None
     # The canonical (downloaded, checksummed) decode first, then other sources' newest first.
-    # Temp files start with "." so the glob skips them.
-    candidates = [cache_dir / _CANONICAL_CACHE]
-    others = cache_dir.glob("fashion-mnist-*.npz")
-    candidates += sorted(others, key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    for path in candidates:
-        if path.is_file():
-            arrays = _read_cache(path)
-            if arrays is not None:
-                return arrays
-    return None
+    preferred = [cache_dir / _CANONICAL_CACHE]
+    return load_first_npz(FashionMnistArrays, preferred, cache_dir, "fashion-mnist-*.npz")
 
 
 def _read_cache(path: Path) -> FashionMnistArrays | None:
