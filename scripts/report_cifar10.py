@@ -107,6 +107,19 @@ def scaling_report(rows: list[dict], figures: Path) -> None:
         print(f"{g:9s} {C.size:2d} frontier points, {slope}, best {e.min():.4f} at {C.max():.3g}")
 
 
+def vertex(by_lr: dict[float, float]) -> float:
+    """The optimum of a parabola through the best grid point and its two neighbours (in log lr);
+    the grid point itself when it lies on the edge of the grid."""
+    lrs = sorted(by_lr)
+    i = min(range(len(lrs)), key=lambda k: by_lr[lrs[k]])
+    if i == 0 or i == len(lrs) - 1:
+        return lrs[i]
+    x = np.log10(lrs[i - 1 : i + 2])
+    y = np.array([by_lr[lr] for lr in lrs[i - 1 : i + 2]])
+    a, b, _ = np.polyfit(x, y, 2)
+    return float(10 ** (-b / (2 * a)))
+
+
 def landscape_report(rows: list[dict], figures: Path) -> None:
     if not rows:
         print("\n(no LR-landscape runs yet)")
@@ -119,7 +132,7 @@ def landscape_report(rows: list[dict], figures: Path) -> None:
     for (g, w), by_lr in sorted(grid.items()):
         best = min(by_lr, key=by_lr.get)
         cells = "  ".join(f"{lr:g}:{e:.3f}" for lr, e in sorted(by_lr.items()))
-        print(f"{g:10s} w={w:5d} best lr {best:g}   {cells}")
+        print(f"{g:10s} w={w:5d} best lr {best:g} (interpolated {vertex(by_lr):.3g})   {cells}")
     print("wrote", *plot_lr_landscape(rows, figures / "cifar10_lr_landscape"))
     print(
         "wrote",
