@@ -168,10 +168,15 @@ def xi_report(rows: list[dict], figures: Path) -> None:
     for C in levels:
         xs, ys = [], []
         for g in fits:
-            widths = sorted((r["train_macs"], r["width"]) for r in rows if r["group"] == g)
-            cw = np.array(widths, dtype=float)
-            w = float(np.exp(np.interp(np.log(C), np.log(cw[:, 0]), np.log(cw[:, 1]))))
-            xi = xi_of(spec[g], max(1, round(w)))
+            # width and ξ of the actual runs, interpolated in log-log at compute C (an
+            # interpolated width need not factorise well, so ξ is not recomputed there)
+            runs = sorted(
+                (r["train_macs"], r["width"], xi_of(spec[g], r["width"]))
+                for r in rows
+                if r["group"] == g
+            )
+            cw = np.log(np.array(runs, dtype=float))
+            w, xi = (float(np.exp(np.interp(np.log(C), cw[:, 0], cw[:, k]))) for k in (1, 2))
             err = float(fits[g].predict(np.array([C]))[0])
             xs.append(xi)
             ys.append(err)
