@@ -66,12 +66,12 @@ def test_sweep_dry_run_lists_runs(capsys):
     assert "dense_w32_lr1e-02_s0" in out and "btt" in out and "MACs/ex" in out
 
 
-def _fake_run(root, structure, width, macs, err):
+def _fake_run(root, structure, width, macs, err, name=None):
     import json
 
     import yaml
 
-    run = root / f"{structure}_{width}"
+    run = root / (name or f"{structure}_{width}")
     run.mkdir(parents=True)
     cfg = {
         "name": run.name,
@@ -119,6 +119,15 @@ def test_plot_command(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "runs"), "--out", str(tmp_path / "fig")]) == 0
     assert (tmp_path / "fig" / "scaling.png").stat().st_size > 0
     assert (tmp_path / "fig" / "scaling.pdf").stat().st_size > 0
+    for width, macs in ((64, 1e5), (128, 1e6), (256, 1e7)):  # sweep-style names: one group
+        name = f"btt_head_w{width}_lr3e-03_s0"
+        _fake_run(tmp_path / "sweep", "btt", width, macs, (300 * macs) ** -0.1, name=name)
+    args = ["plot", str(tmp_path / "sweep"), "--out", str(tmp_path / "g"), "--by", "group"]
+    assert main([*args, "--y", "best_test_error"]) == 0
+    assert (tmp_path / "g" / "scaling.png").stat().st_size > 0
+    # --by makes no sense for an LR landscape: a clear error, exit status 2
+    assert main(["plot", str(tmp_path / "runs"), "--kind", "lr", "--by", "group"]) == 2
+    assert "--kind scaling only" in capsys.readouterr().err
 
 
 def test_bench_command_writes_rows_and_settings(tmp_path):

@@ -226,7 +226,14 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .scaling.plots import plot_from_dirs
 
-    for path in plot_from_dirs(args.dirs, args.out, kind=args.kind):
+    kwargs: dict = {}
+    if args.y is not None:
+        kwargs["y"] = args.y
+    if args.kind == "scaling":
+        kwargs.update(x=args.x, by=args.by)
+    elif args.by != "structure" or args.x != "train_macs":
+        raise ValueError("--x and --by apply to --kind scaling only")
+    for path in plot_from_dirs(args.dirs, args.out, kind=args.kind, **kwargs):
         print(f"wrote {path}")
     return 0
 
@@ -303,6 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="error vs compute with fits, or error vs LR per width",
     )
     plot.add_argument("--out", default="figures")
+    plot.add_argument("--x", default="train_macs", help="compute column (scaling plots)")
+    plot.add_argument(
+        "--y",
+        default=None,
+        help="error/loss column (default: final_test_error for scaling, final_train_error for lr)",
+    )
+    plot.add_argument(
+        "--by",
+        default="structure",
+        choices=["structure", "group"],
+        help="one curve per structure spec, or per sweep entry (scaling plots)",
+    )
     plot.set_defaults(func=_cmd_plot)
 
     info = sub.add_parser("info", help="list structures and their options")
