@@ -124,11 +124,16 @@ def landscape_report(rows: list[dict], figures: Path) -> None:
     if not rows:
         print("\n(no LR-landscape runs yet)")
         return
-    print("\n## LR landscape: final train error (constant LR, 1 epoch) per width and LR")
-    grid: dict[tuple[str, int], dict[float, float]] = defaultdict(dict)
+    print("\n## LR landscape: final train error (constant LR, 1 epoch), mean over seeds")
+    seeds: dict[tuple[str, int, float], list[float]] = defaultdict(list)
     for r in rows:
         if r["status"] == "finished":
-            grid[(r["group"], r["width"])][r["lr"]] = r["final_train_error"]
+            seeds[(r["group"], r["width"], r["lr"])].append(r["final_train_error"])
+    grid: dict[tuple[str, int], dict[float, float]] = defaultdict(dict)
+    for (g, w, lr), errs in seeds.items():
+        grid[(g, w)][lr] = float(np.mean(errs))
+    n_seeds = sorted({len(v) for v in seeds.values()})
+    print(f"(seeds per point: {', '.join(map(str, n_seeds))})")
     for (g, w), by_lr in sorted(grid.items()):
         best = min(by_lr, key=by_lr.get)
         cells = "  ".join(f"{lr:g}:{e:.3f}" for lr, e in sorted(by_lr.items()))
