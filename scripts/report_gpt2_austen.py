@@ -31,17 +31,13 @@ from structlin.scaling import (
 )
 from structlin.scaling.plots import plot_curves, plot_scaling
 from structlin.train import load_config
-from structlin.train.build import DataBundle, build_model
-
-GPT2_VOCAB = 50257
+from structlin.train.build import build_model, shapes_only
 
 
 def nonemb_macs_per_token(run_dir: Path) -> int:
     cfg = load_config(run_dir / "config.yaml")
     with torch.device("meta"):
-        model, _ = build_model(
-            cfg, DataBundle("text", None, None, GPT2_VOCAB), torch.device("meta")
-        )
+        model, _ = build_model(cfg, shapes_only(cfg), torch.device("meta"))
     return model.flops_per_token(non_embedding=True)
 
 

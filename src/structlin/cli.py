@@ -28,19 +28,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         import torch
 
         from .surgery import structurize
-        from .train.build import DataBundle, _make
+        from .train.build import _make, shapes_only
 
         cfg = _info_config(args)
-        shapes = {
-            "cifar10": ((3, 32, 32), 10),
-            "cifar100": ((3, 32, 32), 100),
-            "fashion_mnist": ((1, 28, 28), 10),
-        }
-        if cfg.task == "lm":
-            bundle = DataBundle("text", None, None, args.vocab)
-        else:
-            shape, classes = shapes.get(cfg.data.name, ((3, 32, 32), 10))
-            bundle = DataBundle("image", None, None, classes, shape)
+        bundle = shapes_only(cfg, vocab=args.vocab if cfg.task == "lm" else None)
         with torch.device("meta"):
             model = _make(cfg, cfg.model.width, bundle)
         s = cfg.structure

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 from ..utils.io import cache_dir as _cache_dir
 
 __all__ = [
+    "GPT2_VOCAB_SIZE",
     "CharTokenizer",
     "TextData",
     "get_batch",
@@ -58,7 +59,7 @@ _CHUNK_CHARS = 1 << 20
 # quantifiers, an equivalent form).
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _GPT2_EOT = 50256
-_GPT2_N_VOCAB = 50257
+GPT2_VOCAB_SIZE = 50257
 _GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 _TOKENIZERS = ("char", "gpt2")
 
@@ -144,7 +145,7 @@ def _load_gpt2_file(path: Path) -> tuple[tiktoken.Encoding, str]:
         pat_str=_GPT2_PATTERN,
         mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": _GPT2_EOT},
-        explicit_n_vocab=_GPT2_N_VOCAB,
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
     )
     return enc, sha
 

@@ -298,13 +298,6 @@ def expand(sweep: Sweep) -> list[RunSpec]:
 
 
 # --------------------------------------------------------------------------- dry run
-_IMAGE_DATA = {
-    "cifar10": ((3, 32, 32), 10),
-    "cifar100": ((3, 32, 32), 100),
-    "fashion_mnist": ((1, 28, 28), 10),
-}
-
-
 def _linear_macs_params(model: Any) -> tuple[int, int]:
     import torch
 
@@ -321,9 +314,6 @@ def _linear_macs_params(model: Any) -> tuple[int, int]:
     return macs, params
 
 
-_GPT2_VOCAB = 50257
-
-
 def measure(run: RunSpec) -> dict[str, Any]:
     """Forward MACs per example and parameters of ``run``'s model, built on ``meta``.
 
@@ -334,28 +324,20 @@ def measure(run: RunSpec) -> dict[str, Any]:
     (``macs`` is None)."""
     import torch
 
-    from ..train.build import DataBundle, build_model
+    from ..train.build import build_model, shapes_only
     from ..train.config import load_config
 
     cfg = load_config(run.base, run.overrides)
+    data = shapes_only(cfg)
+    if data is None or (cfg.task == "lm" and cfg.model.name != "gpt2"):
+        return {"macs": None, "params": None}  # e.g. a char vocabulary depends on the text
+    with torch.device("meta"):
+        model, _ = build_model(cfg, data, torch.device("meta"))
     if cfg.task == "lm":
-        if cfg.model.name != "gpt2" or cfg.data.tokenizer != "gpt2":
-            return {"macs": None, "params": None}  # a char vocabulary depends on the text
-        data = DataBundle("text", None, None, _GPT2_VOCAB)
-        with torch.device("meta"):
-            model, _ = build_model(cfg, data, torch.device("meta"))
         return {
             "macs": model.flops_per_token() * cfg.data.block_size,
             "params": model.num_params(non_embedding=False),
         }
-    if cfg.data.name == "imagenet":
-        size = int(cfg.model.kwargs.get("image_size", 224))
-        shape, classes = (3, size, size), 1000
-    else:
-        shape, classes = _IMAGE_DATA.get(cfg.data.name, ((3, 32, 32), 10))
-    data = DataBundle("image", None, None, classes, shape)
-    with torch.device("meta"):
-        model, _ = build_model(cfg, data, torch.device("meta"))
     macs, linear_params = _linear_macs_params(model)
     if cfg.model.name == "mlp":
         return {"macs": macs, "params": sum(p.numel() for p in model.parameters())}

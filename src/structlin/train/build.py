@@ -14,7 +14,14 @@ from .. import mup
 from ..surgery import structurize
 from .config import Config
 
-__all__ = ["DataBundle", "build_data", "build_model", "build_optimizer", "forward_macs"]
+__all__ = [
+    "DataBundle",
+    "build_data",
+    "build_model",
+    "build_optimizer",
+    "forward_macs",
+    "shapes_only",
+]
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -32,6 +39,36 @@ class DataBundle:
     num_classes: int = 0  # image: classes; text: vocabulary size
     image_shape: tuple[int, int, int] = (3, 32, 32)
     steps_per_epoch: int = 0
+
+
+_IMAGE_SHAPES = {
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "fashion_mnist": ((1, 28, 28), 10),
+}
+
+
+def shapes_only(cfg: Config, vocab: int | None = None) -> DataBundle | None:
+    """A :class:`DataBundle` with the shapes a model needs but no data, from the config alone.
+
+    Enough to build ``cfg``'s model (on ``meta``) to count its parameters and MACs. For text the
+    vocabulary is ``vocab`` if given, else that of the GPT-2 BPE when the config uses it; a
+    character vocabulary depends on the text, so then the result is None. Unknown image data
+    sets are taken as CIFAR-shaped (3x32x32, 10 classes); ImageNet reads ``image_size`` from
+    the model options (default 224).
+    """
+    if cfg.task == "lm":
+        if vocab is None and (cfg.data.tokenizer == "gpt2" or cfg.data.name == "openwebtext"):
+            from ..data.text import GPT2_VOCAB_SIZE
+
+            vocab = GPT2_VOCAB_SIZE
+        return None if vocab is None else DataBundle("text", None, None, vocab)
+    if cfg.data.name == "imagenet":
+        size = int(cfg.model.kwargs.get("image_size", 224))
+        shape, classes = (3, size, size), 1000
+    else:
+        shape, classes = _IMAGE_SHAPES.get(cfg.data.name, ((3, 32, 32), 10))
+    return DataBundle("image", None, None, classes, shape)
 
 
 def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> DataBundle:
