@@ -370,6 +370,7 @@ class Trainer:
         last: dict[str, Any] = {"status": "finished", "step": self.step}
         t_start, samples_start = time.perf_counter(), self.samples
         wall_start = self.wall_time
+        keep = t.ckpt_every > 0  # 0: no checkpoints (sweeps that never resume)
         self.model.train()
         while self.step < self.total_steps:
             x, targets, batch = next(batches)
@@ -413,7 +414,6 @@ class Trainer:
                     )
                 else:
                     self.log(_fmt(last))
-            keep = t.ckpt_every > 0  # 0: no checkpoints (sweeps that never resume)
             if keep and (self.step % t.ckpt_every == 0 or done):
                 self.save()
             if self._stop_signal is not None:
