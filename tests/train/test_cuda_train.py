@@ -58,28 +58,23 @@ def test_gpt2_btt_weight_norm_trains_on_cuda(tmp_path):
 
 def test_resume_on_cuda_continues_the_run(tiny_config, tmp_path):
     """Interrupt a CUDA run after 6 steps, resume it, and match an uninterrupted run."""
-    import json
     import signal
+
+    from train_helpers import after_step, rows
 
     from structlin.train import Trainer
 
     def cfg():
         return tiny_config("structure.spec=btt", "train.device=cuda", "train.autocast=off")
 
-    def rows(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
     Trainer(cfg(), tmp_path / "full", log=None).fit()
     t = Trainer(cfg(), tmp_path / "part", log=None)
-    orig_step = t.optimizer.step
 
-    def stop_after_six(*a, **k):
-        out = orig_step(*a, **k)
-        if t.step == 5:
+    def stop_after_six(step):
+        if step == 5:
             t._stop_signal = signal.SIGTERM
-        return out
 
-    t.optimizer.step = stop_after_six
+    after_step(t, stop_after_six)
     assert t.fit()["status"] == "interrupted"
     resumed = Trainer(cfg(), tmp_path / "part", resume=True, log=None).fit()
     assert resumed["status"] == "finished"

@@ -1,17 +1,13 @@
-import json
 import os
 import signal
 
 import numpy as np
 import pytest
 import torch
+from train_helpers import after_step, rows
 
 from structlin.train import Trainer, TrainingDiverged, load_config
 from structlin.train.checkpoint import load_checkpoint
-
-
-def rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_trains_logs_and_checkpoints(fake_cifar, tmp_path, tiny_config):
@@ -45,15 +41,12 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(fake_cifar, tmp_path, ti
     Trainer(tiny_config(), full, log=None).fit()
     part = tmp_path / "part"
     t = Trainer(tiny_config(), part, log=None)
-    orig_step = t.optimizer.step
 
-    def stop_after_six(*a, **k):
-        out = orig_step(*a, **k)
-        if t.step == 5:  # the step counter is incremented right after optimizer.step
+    def stop_after_six(step):
+        if step == 5:  # the step counter is incremented right after optimizer.step
             t._stop_signal = signal.SIGTERM
-        return out
 
-    t.optimizer.step = stop_after_six
+    after_step(t, stop_after_six)
     assert t.fit()["status"] == "interrupted"
     assert load_checkpoint(part / "checkpoints" / "last.pt")["step"] == 6
     Trainer(tiny_config(), part, resume=True, log=None).fit()
@@ -71,15 +64,12 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(fake_cifar, tmp_path, ti
 def test_real_signal_saves_and_exits_cleanly(fake_cifar, tmp_path, tiny_config):
     run = tmp_path / "sig"
     t = Trainer(tiny_config(), run, log=None)
-    orig_step = t.optimizer.step
 
-    def send(*a, **k):
-        out = orig_step(*a, **k)
-        if t.step == 2:
+    def send(step):
+        if step == 2:
             os.kill(os.getpid(), signal.SIGINT)
-        return out
 
-    t.optimizer.step = send
+    after_step(t, send)
     result = t.fit()
     assert result["status"] == "interrupted" and result["step"] == 3
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
@@ -92,16 +82,13 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint(
 ):
     run = tmp_path / "nan"
     t = Trainer(tiny_config(), run, log=None)
-    orig_step = t.optimizer.step
 
-    def poison(*a, **k):
-        out = orig_step(*a, **k)
-        if t.step == 4:  # after the step-5 update (checkpoint at step 4 exists)
+    def poison(step):
+        if step == 4:  # after the step-5 update (checkpoint at step 4 exists)
             with torch.no_grad():
                 t.model.input_layer.weight.fill_(float("nan"))
-        return out
 
-    t.optimizer.step = poison
+    after_step(t, poison)
     with pytest.raises(TrainingDiverged, match="loss became nan at step 6"):
         t.fit()
     state = load_checkpoint(run / "checkpoints" / "last.pt")
