@@ -15,8 +15,8 @@ width-independent; the paper's naive LR rule makes BTT's slope about ``-1/2``.
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from torch import nn
 
 from . import mup
 from .surgery import is_linear_like
+from .utils.io import atomic_write, atomic_write_text
 
 __all__ = ["coord_check", "default_record_modules", "fit_slopes", "plot_coord_check", "save_csv"]
 
@@ -216,13 +217,11 @@ def save_csv(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     fields: list[str] = []
     for r in records:
         fields += [k for k in r if k not in fields]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(records)
-    os.replace(tmp, path)
-    return path
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(records)
+    return atomic_write_text(path, buf.getvalue())
 
 
 def plot_coord_check(
@@ -269,9 +268,7 @@ def plot_coord_check(
     written = []
     for suffix in (".png", ".pdf"):
         out = path.with_suffix(suffix)
-        tmp = out.with_name(out.stem + ".tmp" + suffix)
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, out)
+        atomic_write(out, lambda f, fmt=suffix[1:]: fig.savefig(f, format=fmt, dpi=120))
         written.append(out)
     plt.close(fig)
     return written

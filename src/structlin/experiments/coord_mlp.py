@@ -8,7 +8,6 @@ residual stream after the last block, on a fixed batch of test images.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from ..coord import coord_check, fit_slopes, plot_coord_check, save_csv
 from ..models import MLP
 from ..surgery import structurize
+from ..utils.io import atomic_write_text
 
 __all__ = ["DEFAULT_STRUCTURES", "run_coord_check_mlp"]
 
@@ -104,9 +104,7 @@ def run_coord_check_mlp(
     if out_dir is not None:
         out = Path(out_dir)
         save_csv(records, out / "records.csv")
-        tmp = out / "fits.json.tmp"
-        tmp.write_text(json.dumps(fits, indent=2))
-        os.replace(tmp, out / "fits.json")
+        atomic_write_text(out / "fits.json", json.dumps(fits, indent=2))
         try:
             plot_coord_check(
                 fits,

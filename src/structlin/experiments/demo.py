@@ -9,7 +9,6 @@ one base learning rate at base width 64.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from ..models import MLP
 from ..surgery import structurize
 from ..train import Trainer, load_config
+from ..utils.io import atomic_write, atomic_write_text
 
 __all__ = ["matched_width", "run_demo"]
 
@@ -138,10 +138,7 @@ def run_demo(
                 "seconds": elapsed,
             }
         )
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     log(format_summary(summary))
     try:
         _plot(summary, out / "demo.png")
@@ -184,7 +181,5 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("test error (%)")
     ax.set_title("Paper MLP at matched training compute")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from structlin.scaling.fit import fit_by_structure, points_by_structure
+from structlin.utils.io import atomic_write
 
 #: the lr rule assumed for rows (runs) that do not record one
 DEFAULT_LR_RULE = "structure-aware"
@@ -75,13 +76,9 @@ def _save(fig: Any, path: str | os.PathLike) -> list[Path]:
     try:
         for fmt in _FORMATS:
             target = base.with_name(f"{base.name}.{fmt}")
-            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-            try:
-                fig.savefig(tmp, format=fmt, dpi=200, bbox_inches="tight")
-                os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            atomic_write(
+                target, lambda f, fmt=fmt: fig.savefig(f, format=fmt, dpi=200, bbox_inches="tight")
+            )
             out.append(target)
     finally:
         _pyplot().close(fig)

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..utils.io import atomic_write_text
+
 COLUMNS = [
     "name",
     "path",
@@ -203,19 +205,6 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def _atomic_write(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
     extra = [k for r in rows for k in r if k not in COLUMNS]
     return COLUMNS + list(dict.fromkeys(extra))
@@ -233,9 +222,9 @@ def write_table(
         writer.writeheader()
         for r in rows:
             writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
-        _atomic_write(path_csv, buf.getvalue())
+        atomic_write_text(path_csv, buf.getvalue())
     if path_json is not None:
-        _atomic_write(path_json, json.dumps(rows, indent=1) + "\n")
+        atomic_write_text(path_json, json.dumps(rows, indent=1) + "\n")
 
 
 _SHOWN = [

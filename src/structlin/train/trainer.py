@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..utils.io import atomic_write_text
 from .build import build_data, build_model, build_optimizer, forward_macs, seed_everything
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import Config, config_hash
@@ -345,9 +346,8 @@ class Trainer:
             self._load()
             self.log(f"resumed {self.out} at step {self.step}/{self.total_steps}")
         elif self.is_main:
-            tmp = self.out / ".config.yaml.tmp"
-            tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-            os.replace(tmp, self.out / "config.yaml")
+            text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+            atomic_write_text(self.out / "config.yaml", text)
         if self._summary_writer_cls is not None and self.is_main:
             self._tb = self._summary_writer_cls(log_dir=str(self.out / "tensorboard"))
         handlers = {}
