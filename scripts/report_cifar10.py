@@ -15,7 +15,6 @@ epochs for every run the two differ by a constant factor, so the exponents compa
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
@@ -32,6 +31,7 @@ from structlin.scaling import (
     fit_by_structure,
     fit_power_law,
     points_by_structure,
+    read_metrics,
     write_table,
 )
 from structlin.scaling.plots import _pyplot, _save, plot_lr_landscape, plot_scaling
@@ -71,7 +71,7 @@ def xi_of(spec: str, width: int) -> float:
 
 
 def history(run_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    rows = [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_path)
     return np.array([r["train_macs"] for r in rows]), np.array([1 - r["test_acc"] for r in rows])
 
 

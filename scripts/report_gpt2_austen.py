@@ -14,7 +14,6 @@ output head ("non-embedding", the paper's x axis for GPT-2): 3 * flops_per_token
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections import defaultdict
@@ -27,6 +26,7 @@ from structlin.scaling import (
     compute_multipliers,
     fit_by_structure,
     points_by_structure,
+    read_metrics,
     write_table,
 )
 from structlin.scaling.plots import plot_curves, plot_scaling
@@ -41,21 +41,10 @@ def nonemb_macs_per_token(run_dir: Path) -> int:
     return model.flops_per_token(non_embedding=True)
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by an interrupted run
-    return rows
-
-
 def collect(study_dir: Path) -> list[dict]:
     rows = collect_runs([study_dir])
     for r in rows:
-        last = metrics(Path(r["path"]))[-1]
+        last = read_metrics(r["path"])[-1]
         cfg = load_config(Path(r["path"]) / "config.yaml")
         tokens = last["samples"] * cfg.data.block_size
         r["tokens"] = tokens
@@ -89,7 +78,7 @@ def stability_report(study_dir: Path, figures: Path) -> None:
     groups: dict[tuple[str, float], list[str]] = defaultdict(list)
     curves = []
     for r in sorted(collect_runs([study_dir]), key=lambda r: r["name"]):
-        rows = metrics(Path(r["path"]))
+        rows = read_metrics(r["path"])
         losses = [m["train_loss"] for m in rows if m["step"] > 40]
         finite = all(math.isfinite(v) for v in losses)
         diverged = r["status"] == "failed" or not finite

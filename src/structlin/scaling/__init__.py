@@ -10,7 +10,13 @@ from structlin.scaling.fit import (
     fit_power_law,
     points_by_structure,
 )
-from structlin.scaling.results import collect_runs, format_table, read_run, write_table
+from structlin.scaling.results import (
+    collect_runs,
+    format_table,
+    read_metrics,
+    read_run,
+    write_table,
+)
 
 __all__ = [
     "PowerLawFit",
@@ -23,6 +29,7 @@ __all__ = [
     "fit_power_law",
     "format_table",
     "points_by_structure",
+    "read_metrics",
     "read_run",
     "write_table",
 ]

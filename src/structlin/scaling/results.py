@@ -64,6 +64,12 @@ def _find_run_dirs(dirs: Iterable[str | os.PathLike]) -> list[Path]:
     return sorted({p.resolve(): p for p in found}.values(), key=lambda p: str(p))
 
 
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (empty if there is none). A truncated last line,
+    left by a run killed while writing, is skipped."""
+    return _read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if not path.is_file():
