@@ -294,7 +294,7 @@ def _fake_remote(
     folder, want = _write_cifar10_py(tmp_path / "server")
     archive = _tar(folder, tmp_path / "server" / "cifar-10-python.tar.gz")
     real_md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    remote = cifar._Remote(archive.as_uri(), md5 or real_md5, "cifar-10-python.tar.gz")
+    remote = cifar.Remote(archive.as_uri(), md5 or real_md5, "cifar-10-python.tar.gz")
     monkeypatch.setitem(cifar._REMOTES, "cifar10", remote)
     return want
 
@@ -338,7 +338,7 @@ def test_failed_download_is_reported(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = (tmp_path / "missing.tar.gz").as_uri()
-    monkeypatch.setitem(cifar._REMOTES, "cifar10", cifar._Remote(url, "0" * 32, "c10.tar.gz"))
+    monkeypatch.setitem(cifar._REMOTES, "cifar10", cifar.Remote(url, "0" * 32, "c10.tar.gz"))
     with pytest.raises(ConnectionError, match=r"could not download.*source="):
         load_cifar("cifar10", cache, download=True)
     assert list(cache.iterdir()) == []

@@ -269,7 +269,7 @@ def _serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, want: FashionMnistAr
     for name in NAMES.values():
         path = server / f"{name}.gz"
         md5 = hashlib.md5(path.read_bytes()).hexdigest()
-        remote = fashion_mnist._Remote(path.as_uri(), md5, path.name)
+        remote = fashion_mnist.Remote(path.as_uri(), md5, path.name)
         monkeypatch.setitem(fashion_mnist._REMOTES, name, remote)
 
 
@@ -316,7 +316,7 @@ def test_failed_download_is_reported(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = NAMES["train_x"]
-    gone = fashion_mnist._Remote((tmp_path / "gone.gz").as_uri(), "0" * 32, "x.gz")
+    gone = fashion_mnist.Remote((tmp_path / "gone.gz").as_uri(), "0" * 32, "x.gz")
     monkeypatch.setitem(fashion_mnist._REMOTES, name, gone)
     with pytest.raises(ConnectionError, match=r"could not download .*source=.*Debian package"):
         load_fashion_mnist(cache, download=True)

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ..utils.io import Remote, download
 from ..utils.io import cache_dir as _cache_dir
-from ..utils.io import download
 from .arrays import ImageArrays, load_first_npz, load_npz, save_npz
 
 __all__ = ["CifarArrays", "load_cifar"]
@@ -46,21 +46,14 @@ _SOURCE_HELP = (
 )
 
 
-@dataclass(frozen=True)
-class _Remote:
-    url: str
-    md5: str
-    filename: str
-
-
 # Module-level so tests can point the download at a local file:// archive.
-_REMOTES: dict[str, _Remote] = {
-    "cifar10": _Remote(
+_REMOTES: dict[str, Remote] = {
+    "cifar10": Remote(
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         md5="c58f30108f718f92721af3b95e74349a",
         filename="cifar-10-python.tar.gz",
     ),
-    "cifar100": _Remote(
+    "cifar100": Remote(
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         md5="eb9058c3a382ffc7106e4002c42a8d85",
         filename="cifar-100-python.tar.gz",
@@ -185,7 +178,7 @@ def _write_cache(path: Path, arrays: CifarArrays) -> None:
     save_npz(arrays, path)
 
 
-def _download(remote: _Remote, dest: Path) -> None:
+def _download(remote: Remote, dest: Path) -> None:
     download(
         remote.url,
         dest,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.io import Remote, download
 from ..utils.io import cache_dir as _cache_dir
-from ..utils.io import download
 from .arrays import ImageArrays, load_first_npz, load_npz, save_npz
 
 __all__ = ["FashionMnistArrays", "load_fashion_mnist"]
@@ -92,16 +92,9 @@ _FILES = (
 )
 
 
-@dataclass(frozen=True)
-class _Remote:
-    url: str
-    md5: str
-    filename: str
-
-
 # Module-level so tests can point the download at local file:// copies.
-_REMOTES: dict[str, _Remote] = {
-    f.name: _Remote(url=f"{_BASE_URL}{f.name}.gz", md5=f.md5_gz, filename=f"{f.name}.gz")
+_REMOTES: dict[str, Remote] = {
+    f.name: Remote(url=f"{_BASE_URL}{f.name}.gz", md5=f.md5_gz, filename=f"{f.name}.gz")
     for f in _FILES
 }
 
@@ -314,7 +307,7 @@ def _decode(blobs: dict[str, bytes], where: str) -> FashionMnistArrays:
 # --- fetching ------------------------------------------------------------------------------------
 
 
-def _download(remote: _Remote, dest: Path) -> None:
+def _download(remote: Remote, dest: Path) -> None:
     download(
         remote.url,
         dest,

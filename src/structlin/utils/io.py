@@ -10,10 +10,20 @@ import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_text", "cache_dir", "download"]
+__all__ = ["Remote", "atomic_write", "atomic_write_text", "cache_dir", "download"]
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A downloadable file: where it lives, its md5, and the name it is cached under."""
+
+    url: str
+    md5: str
+    filename: str
 
 
 def cache_dir(root: str | Path | None) -> Path:
