@@ -83,9 +83,12 @@ def stability_report(study_dir: Path, figures: Path) -> None:
         finite = all(math.isfinite(v) for v in losses)
         diverged = r["status"] == "failed" or not finite
         spike = max((v - min(losses[: i + 1]) for i, v in enumerate(losses)), default=0.0)
+        # Largest stored-factor RMS over its init std (runs from before it was logged lack it).
+        growth = max((m["factor_rms_max"] for m in rows if "factor_rms_max" in m), default=None)
         groups[(r["group"], r["lr"])].append(
             f"s{r['seed']}: steps {r['steps']}, final {r['final_train_loss']:.3f}, "
             f"spike {spike:.3f}, val {r['final_test_loss']:.3f}"
+            f"{'' if growth is None else f', factor rms/init max {growth:.2f}'}"
             f"{', DIVERGED' if diverged else ''}{'' if r['status'] == 'finished' else ' (cut)'}"
         )
         curves.append((f"{r['group']} lr={r['lr']:g} s{r['seed']}", rows))

@@ -104,3 +104,23 @@ def test_norm_under_autocast_and_compile():
     assert layer.gammas[0].grad is not None and layer.gammas[0].grad.dtype == torch.float32
     compiled = torch.compile(layer, backend="aot_eager")
     assert torch.allclose(compiled(x), layer(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", STRUCTS)
+def test_rms_ratios_are_one_at_init_and_follow_the_stored_factors(name):
+    torch.manual_seed(0)
+    layer = sl.make_linear(name, 256, 192, norm="rms_clamp", dtype=torch.float64)
+    ratios = [r.item() for r in layer.rms_ratios()]
+    assert len(ratios) == len(layer.factors())
+    assert ratios == pytest.approx([1.0] * len(ratios), rel=0.25)
+    with torch.no_grad():
+        layer.factors()[0].tensor.mul_(3.0)
+    assert layer.rms_ratios()[0].item() == pytest.approx(3.0 * ratios[0], rel=1e-4)  # eps
+    # The clamp divides by exactly this ratio, so the used factor is back at its init RMS.
+    used = layer._weights()[0]
+    f0 = layer.factors()[0]
+    assert _rms(used) == pytest.approx(mup_init_std(f0.fan_in, f0.fan_out), rel=1e-4)
+    layer.reset_parameters(zero_init_last=True)
+    assert layer.rms_ratios()[-1].item() < 1e-2
+    layer.rms_ratios()[0].backward()
+    assert layer.factors()[0].tensor.grad is not None

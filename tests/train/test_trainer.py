@@ -28,6 +28,8 @@ def test_trains_logs_and_checkpoints(fake_cifar, tmp_path, tiny_config):
     ):
         assert key in r[-1]
     assert r[-1]["train_macs"] == 3 * r[-1]["forward_macs_per_example"] * 12 * 32
+    # Factor growth against the μP init std: about 1 at the start, logged in every row.
+    assert all(0 < x["factor_rms_mean"] <= x["factor_rms_max"] < 10 for x in r)
     assert r[-1]["lr"] < r[0]["lr"]  # cosine decay
     walls = [x["wall_time_s"] for x in r]
     assert 0 < walls[0] <= walls[1] <= walls[2]

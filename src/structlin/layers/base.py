@@ -60,6 +60,10 @@ def mup_init_std(fan_in: int, fan_out: int) -> float:
     return math.sqrt(min(fan_in, fan_out)) / fan_in
 
 
+def _rms_ratio(f: Factor) -> torch.Tensor:
+    return f.tensor.square().mean().add(_NORM_EPS).sqrt() / mup_init_std(f.fan_in, f.fan_out)
+
+
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
@@ -224,16 +228,23 @@ class StructuredLinear(nn.Module):
         """The factor tensors the forward pass uses, in forward order (weight-normalised)."""
         if self.norm is None:
             return self._tensors()
-        factors = self.factors()
         out = []
-        for i, f in enumerate(factors):
-            sigma = mup_init_std(f.fan_in, f.fan_out)
-            rms = f.tensor.square().mean().add(_NORM_EPS).sqrt()
-            w = f.tensor / torch.clamp(rms / sigma, min=1.0)
+        for i, f in enumerate(self.factors()):
+            w = f.tensor / torch.clamp(_rms_ratio(f), min=1.0)
             if self.gammas is not None:
                 w = w * self.gammas[i]
             out.append(w)
         return out
+
+    def rms_ratios(self) -> list[torch.Tensor]:
+        """Each stored factor's RMS over its μP init std, ``RMS(W_t) / σ_t``, in forward order.
+
+        ``σ_t = mup_init_std(fan_in, fan_out)``, so every ratio is about 1 right after
+        :meth:`reset_parameters` (0 for a zero-initialised factor). ``norm="rms_clamp"`` divides a
+        factor by ``max(1, ratio)``: a ratio above 1 is growth the clamp removes, and without a
+        norm it is growth the forward pass sees. 0-dim tensors, differentiable.
+        """
+        return [_rms_ratio(f) for f in self.factors()]
 
     def reset_parameters(self, zero_init_last: bool = False) -> None:
         """Draw every factor from ``N(0, mup_init_std(fan_in, fan_out)^2)``; zero the bias.

@@ -38,6 +38,7 @@ from ..utils.io import atomic_write_text
 from .build import build_data, build_model, build_optimizer, forward_macs, seed_everything
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import Config, config_hash
+from .monitor import factor_rms_stats
 from .schedule import lr_factor
 
 __all__ = ["Trainer", "TrainingDiverged"]
@@ -447,6 +448,7 @@ class Trainer:
             "forward_macs_per_example": self.macs_per_example,
             "params": self.num_params,
             "train_macs": 3 * self.macs_per_example * self.samples,
+            **factor_rms_stats(self.model),
             "status": "running" if self.step < self.total_steps else "finished",
         }
         self._running = {"loss": 0.0, "acc": 0.0, "n": 0}
