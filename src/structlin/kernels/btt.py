@@ -20,11 +20,16 @@ dispatches per call that are measurable at small widths.
 The backward saves only ``x``, the two cores and the permuted intermediate (``N * n0 * r * m1``
 values), never the dense matrix, and skips the input gradient when it is not needed. It is itself
 differentiable (for double backward it recomputes the intermediate with a graph).
+
+On the CPU in float32, :func:`btt2_matmul` runs the fused C kernel of :mod:`.cpu_jit` instead when
+it can be built: same math, no layout copies, about 1.4x faster at ``d=1024`` (RESULTS.md).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .cpu_jit import kernel_for
 
 __all__ = ["btt2_matmul", "btt_chain_matmul"]
 
@@ -62,6 +67,12 @@ class _BTT2(torch.autograd.Function):
     def forward(
         ctx, x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
+        ctx.kernel = kernel_for(x, w0, w1)
+        if ctx.kernel is not None:
+            x = x.contiguous()
+            y, z = ctx.kernel.forward(x, w0, w1, bias)
+            ctx.save_for_backward(x, w0, w1, z)
+            return y
         n0 = w1.shape[0]
         r = w0.shape[1] // n0
         zp = _stage1(x, w0, n0, r)  # (n0, r*m1, N)
@@ -76,9 +87,15 @@ class _BTT2(torch.autograd.Function):
         n0, n1, _ = w1.shape
         r = h // n0
         batch = x.shape[0]
-        if torch.is_grad_enabled():
+        if ctx.kernel is not None and not torch.is_grad_enabled() and grad.dtype == x.dtype:
+            dx, dw0, dw1, db = ctx.kernel.backward(
+                x, w0, w1, zp, grad.contiguous(), ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+            )
+            return dx, dw0, dw1, db
+        if torch.is_grad_enabled() or ctx.kernel is not None:
             # Double backward (create_graph=True): the saved intermediate has no graph back to
-            # x and w0, so recompute it; every op below is then differentiable.
+            # x and w0, so recompute it; every op below is then differentiable. (After the C
+            # forward the saved tensor is the C kernel's layout, so it is recomputed too.)
             zp = _stage1(x, w0, n0, r)
         gb = grad.reshape(batch, n0, n1).transpose(0, 1)  # (n0, N, n1), strided view
         dw1 = None
