@@ -2,8 +2,8 @@
 
     python scripts/report_gpt2_austen.py [RESULTS_DIR] [FIGURES_DIR]
 
-RESULTS_DIR (default results/gpt2_austen) holds the run folders lr_tune/, scaling/ and
-wn_stability/ (metrics.jsonl and config.yaml per run, as scripts/gpt2_austen_study.sh leaves
+RESULTS_DIR (default results/gpt2_austen) holds the run folders lr_tune/, scaling/,
+wn_stability/ and optionally wn_mechanism/ (metrics.jsonl and config.yaml per run, as scripts/gpt2_austen_study.sh leaves
 them). Writes one CSV and JSON table per study next to them, the figures (PNG and PDF) into
 FIGURES_DIR (default docs/figures), and prints the fits, multipliers and the stability table.
 
@@ -106,6 +106,35 @@ def stability_report(study_dir: Path, figures: Path) -> None:
     print("wrote", *paths)
 
 
+def mechanism_report(study_dir: Path, figures: Path) -> None:
+    """Core growth with and without weight norm (the CPU study wn_mechanism/): per run, the
+    largest stored-factor RMS over its μP init std at a few steps, and the final losses."""
+    print("\n## core growth (factor_rms_max = largest stored-factor RMS / μP init std;")
+    print("## mean = the average over all factors), BTT width 256, lr 0.1")
+    curves = []
+    for r in sorted(collect_runs([study_dir]), key=lambda r: r["name"]):
+        rows = read_metrics(r["path"])
+        at = {m["step"]: m for m in rows}
+        growth = "  ".join(
+            f"@{s}: {at[s]['factor_rms_max']:.1f}/{at[s]['factor_rms_mean']:.1f}"
+            for s in (10, 20, 50, 100)
+            if s in at
+        )
+        print(
+            f"{r['group']:11s} s{r['seed']}: {growth}  final train {r['final_train_loss']:.3f} "
+            f"val {r['final_test_loss']:.3f}{', DIVERGED' if r['status'] == 'failed' else ''}"
+        )
+        curves.append((f"{r['group']} s{r['seed']}", rows))
+    paths = plot_curves(
+        curves,
+        figures / "gpt2_austen_wn_growth",
+        y="factor_rms_max",
+        colour=lambda label: label.split()[0],
+        title="GPT-2 (width 256, lr 0.1): largest BTT core RMS over its init std",
+    )
+    print("wrote", *paths)
+
+
 def main(argv: list[str]) -> None:
     results = Path(argv[1] if len(argv) > 1 else "results/gpt2_austen")
     figures = Path(argv[2] if len(argv) > 2 else "docs/figures")
@@ -130,6 +159,9 @@ def main(argv: list[str]) -> None:
         print("wrote", *paths)
     collect(results / "wn_stability")
     stability_report(results / "wn_stability", figures)
+    if (results / "wn_mechanism").is_dir():
+        collect(results / "wn_mechanism")
+        mechanism_report(results / "wn_mechanism", figures)
 
 
 if __name__ == "__main__":

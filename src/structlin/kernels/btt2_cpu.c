@@ -20,7 +20,9 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));
 #define LD(p) (*(const v8u *)(p))
 #define ST(p, v) (*(v8u *)(p) = (v))
 #define BC(s) ((v8){0} + (s))
-#define RB 2
+#ifndef RB
+#define RB 2 /* rows per register block */
+#endif
 
 typedef struct {
   long B;
