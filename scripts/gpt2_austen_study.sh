@@ -8,6 +8,8 @@
 #   to every run (e.g. train.ckpt_every=0). JOBS (default 2) runs go in parallel. Each stage can
 #   be time-boxed with T_TUNE, T_SCALING, T_WN (seconds; the default is no limit). STRUCTLIN
 #   (default "structlin") is the command to call. Finished runs are skipped when re-run.
+#   STAGES (default "tune scaling wn") picks stages; LR=... skips reading the tuned rate from
+#   runs/gpt2_austen_lr_tune, e.g. `STAGES=wn LR=0.01 scripts/gpt2_austen_study.sh DATA_DIR`.
 set -uo pipefail
 DATA=${1:?usage: scripts/gpt2_austen_study.sh DATA_DIR [KEY=VALUE ...]}
 shift
@@ -22,9 +24,14 @@ boxed() {  # boxed SECONDS CMD...: run CMD, under `timeout` when SECONDS is set
   if [ -n "$t" ]; then timeout "$t" "$@"; else "$@"; fi
 }
 
-boxed "${T_TUNE:-}" "${SL[@]}" sweep configs/sweeps/gpt2_austen_lr_tune.yaml --jobs "$JOBS" \
-  --set "${SETS[@]}"
-LR=$("${PYTHON:-python3}" - <<'PY'
+STAGES=" ${STAGES:-tune scaling wn} "
+stage() { [[ $STAGES == *" $1 "* ]]; }
+
+if stage tune; then
+  boxed "${T_TUNE:-}" "${SL[@]}" sweep configs/sweeps/gpt2_austen_lr_tune.yaml --jobs "$JOBS" \
+    --set "${SETS[@]}"
+fi
+LR=${LR:-$("${PYTHON:-python3}" - <<'PY'
 from structlin.scaling.results import collect_runs
 rows = [r for r in collect_runs(["runs/gpt2_austen_lr_tune"])
         if r["status"] == "finished" and r["final_test_loss"] is not None]
@@ -32,15 +39,20 @@ if not rows:
     raise SystemExit("no finished learning-rate tuning run in runs/gpt2_austen_lr_tune")
 print(min(rows, key=lambda r: r["final_test_loss"])["lr"])
 PY
-) || exit 1
+)} || exit 1
 echo "tuned learning rate: $LR"
-boxed "${T_SCALING:-}" "${SL[@]}" sweep configs/sweeps/gpt2_austen_scaling.yaml --jobs "$JOBS" \
-  --set "${SETS[@]}" "optim.lr=$LR"
-for mult in 10 3; do
-  HIGH=$("${PYTHON:-python3}" -c "print(repr($mult * $LR))")
-  boxed "${T_WN:-}" "${SL[@]}" sweep configs/sweeps/gpt2_austen_wn_stability.yaml \
-    --jobs "$JOBS" --set "${SETS[@]}" "optim.lr=$HIGH"
-done
+if stage scaling; then
+  boxed "${T_SCALING:-}" "${SL[@]}" sweep configs/sweeps/gpt2_austen_scaling.yaml --jobs "$JOBS" \
+    --set "${SETS[@]}" "optim.lr=$LR"
+fi
+if stage wn; then
+  for mult in 10 3; do
+    HIGH=$("${PYTHON:-python3}" -c "print(repr($mult * $LR))")
+    boxed "${T_WN:-}" "${SL[@]}" sweep configs/sweeps/gpt2_austen_wn_stability.yaml \
+      --jobs "$JOBS" --set "${SETS[@]}" "optim.lr=$HIGH"
+  done
+fi
 for d in runs/gpt2_austen_lr_tune runs/gpt2_austen_scaling runs/gpt2_austen_wn_stability; do
-  "${SL[@]}" results "$d" --csv "$d.csv" --json "$d.json"
+  [ -d "$d" ] && "${SL[@]}" results "$d" --csv "$d.csv" --json "$d.json"
 done
+exit 0

@@ -3,9 +3,10 @@
     python scripts/report_gpt2_austen.py [RESULTS_DIR] [FIGURES_DIR]
 
 RESULTS_DIR (default results/gpt2_austen) holds the run folders lr_tune/, scaling/,
-wn_stability/ and optionally wn_mechanism/ (metrics.jsonl and config.yaml per run, as scripts/gpt2_austen_study.sh leaves
-them). Writes one CSV and JSON table per study next to them, the figures (PNG and PDF) into
-FIGURES_DIR (default docs/figures), and prints the fits, multipliers and the stability table.
+wn_stability/ and optionally wn_mechanism/ (metrics.jsonl and config.yaml per run, as
+scripts/gpt2_austen_study.sh leaves them). Writes one CSV and JSON table per study next to
+them, the figures (PNG and PDF) into FIGURES_DIR (default docs/figures), and prints the fits,
+multipliers and the stability table.
 
 Compute is training MACs (3x forward, the trainer's convention) either in total or without the
 output head ("non-embedding", the paper's x axis for GPT-2): 3 * flops_per_token(non_embedding)

@@ -43,3 +43,26 @@ def test_vertex_at_the_edge_of_the_grid_is_the_grid_point(cifar):
 def test_xi_is_macs_per_unit_width(cifar, spec, width, expected):
     # dense: d; BTT rank r on sqrt(d) x sqrt(d) factors: 2 r sqrt(d); Monarch with b blocks: 2d/b
     assert cifar.xi_of(spec, width) == pytest.approx(expected)
+
+
+def test_study_script_runs_only_the_chosen_stages(tmp_path):
+    """STAGES=wn with LR given: only the two weight-norm sweeps, at 10x and 3x that LR."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    env = {**os.environ, "STRUCTLIN": "echo SL", "STAGES": "wn", "LR": "0.002"}
+    out = subprocess.run(
+        ["bash", str(SCRIPTS / "gpt2_austen_study.sh"), str(tmp_path), "train.ckpt_every=0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    sweeps = [line for line in out.splitlines() if line.startswith("SL sweep")]
+    assert len(sweeps) == 2
+    assert all("gpt2_austen_wn_stability.yaml" in s and "train.ckpt_every=0" in s for s in sweeps)
+    assert sweeps[0].endswith("optim.lr=0.02") and sweeps[1].endswith("optim.lr=0.006")
+    assert f"data.source={tmp_path}/austen.txt.gz" in sweeps[0]

@@ -15,10 +15,11 @@ directories are safe. OpenMP resolves to the ``libgomp`` that PyTorch already lo
 kernel shares PyTorch's threads and follows ``torch.set_num_threads``.
 
 When it is used (see :func:`kernel_for`): float32 tensors on the CPU, outside ``torch.compile``
-tracing and outside dispatch modes such as ``FlopCounterMode`` (which must see the torch ops), with ``M0``, ``H = N0*r``, ``K = r*M1`` and ``N1`` all multiples of 8, blocks of at most
-32 and rank at most 2, which is where it measured faster (BTT rank 1-2 up to ``d = 1024``;
-Monarch with ``sqrt(d)`` blocks). Everything else, and any machine where the build fails (no
-compiler, no OpenMP, e.g. stock macOS), takes the ``torch.bmm`` path; a failed build warns once.
+tracing and outside dispatch modes such as ``FlopCounterMode`` (which must see the torch ops),
+with ``M0``, ``H = N0*r``, ``K = r*M1`` and ``N1`` all multiples of 8, blocks of at most 32 and
+rank at most 2, which is where it measured faster (BTT rank 1-2 up to ``d = 1024``; Monarch with
+``sqrt(d)`` blocks). Everything else, and any machine where the build fails (no compiler, no
+OpenMP, e.g. stock macOS), takes the ``torch.bmm`` path; a failed build warns once.
 ``STRUCTLIN_CPU_KERNEL=0`` turns the C kernel off.
 """
 
