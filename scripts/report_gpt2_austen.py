@@ -111,9 +111,9 @@ def mechanism_report(study_dir: Path, figures: Path) -> None:
     """Core growth with and without weight norm (the CPU study wn_mechanism/): per run, the
     largest stored-factor RMS over its μP init std at a few steps, and the final losses."""
     print("\n## core growth (factor_rms_max = largest stored-factor RMS / μP init std;")
-    print("## mean = the average over all factors), BTT width 256, lr 0.1")
+    print("## mean = the average over all factors), BTT rank 4, width 256")
     curves = []
-    for r in sorted(collect_runs([study_dir]), key=lambda r: r["name"]):
+    for r in sorted(collect_runs([study_dir]), key=lambda r: (r["lr"], r["name"])):
         rows = read_metrics(r["path"])
         at = {m["step"]: m for m in rows}
         growth = "  ".join(
@@ -122,16 +122,18 @@ def mechanism_report(study_dir: Path, figures: Path) -> None:
             if s in at
         )
         print(
-            f"{r['group']:11s} s{r['seed']}: {growth}  final train {r['final_train_loss']:.3f} "
+            f"{r['group']:11s} lr={r['lr']:g} s{r['seed']}: {growth}  "
+            f"final train {r['final_train_loss']:.3f} "
             f"val {r['final_test_loss']:.3f}{', DIVERGED' if r['status'] == 'failed' else ''}"
         )
-        curves.append((f"{r['group']} s{r['seed']}", rows))
+        curves.append((f"{r['group']} lr={r['lr']:g} s{r['seed']}", rows))
     paths = plot_curves(
         curves,
         figures / "gpt2_austen_wn_growth",
         y="factor_rms_max",
+        panel=lambda label: label.split()[1],
         colour=lambda label: label.split()[0],
-        title="GPT-2 (width 256, lr 0.1): largest BTT core RMS over its init std",
+        title="GPT-2, BTT width 256: largest stored core RMS over its init std",
     )
     print("wrote", *paths)
 
