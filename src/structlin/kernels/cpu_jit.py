@@ -48,6 +48,13 @@ _MAX_BLOCK = 32
 _MAX_RANK = 2
 _P = ctypes.c_void_p
 
+try:
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _is_in_torch_dispatch_mode
+except ImportError:  # a torch without this helper: assume a mode may be active, never use C
+
+    def _is_in_torch_dispatch_mode() -> bool:
+        return True
+
 
 class _Shape(ctypes.Structure):
     _fields_ = [("B", ctypes.c_long)] + [(n, ctypes.c_int) for n in ("M1", "M0", "N0", "N1", "R")]
@@ -210,11 +217,7 @@ def _build(shape: tuple[int, int, int, int, int]) -> BTT2Kernel | None:
 def _in_dispatch_mode() -> bool:
     # FlopCounterMode (the trainer's MAC count), FakeTensorMode and other dispatch modes must see
     # the torch ops; a ctypes call would be invisible to them.
-    try:
-        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-    except ImportError:  # a torch without this helper: assume a mode may be active
-        return True
-    return is_in_torch_dispatch_mode()
+    return _is_in_torch_dispatch_mode()
 
 
 def kernel_for(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> BTT2Kernel | None:
