@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .kernels import cpu_jit
 from .layers import BTTLinear, make_linear
 from .utils.io import atomic_write_text
 from .utils.malloc import tune_malloc
@@ -233,6 +234,8 @@ def run_from_args(args: argparse.Namespace) -> list[BenchRow]:
         "dtype": args.dtype,
         "device": args.device,
         "malloc_tuned": tuned,
+        # whether 2-core BTT layers with small blocks ran the fused C kernel (kernels.cpu_jit)
+        "btt_cpu_kernel": args.device == "cpu" and cpu_jit.available(),
         "repeats": args.repeats,
         "inner": args.inner,
     }

@@ -130,8 +130,10 @@ def test_layers_use_the_kernel_for_float32_only(monkeypatch, kernel_available):
     for big in (make_linear("btt", 1024, 1024, rank=4), make_linear("btt", 4096, 4096, rank=1)):
         # rank 4, or 64x64 blocks: the torch.bmm path measured faster there
         assert cpu_jit.kernel_for(torch.randn(2, big.in_features), *big.cores) is None
+    assert cpu_jit.available()
     monkeypatch.setenv("STRUCTLIN_CPU_KERNEL", "0")
     assert cpu_jit.kernel_for(x32, w0, w1) is None
+    assert not cpu_jit.available()
     monkeypatch.setenv("STRUCTLIN_CPU_KERNEL", "1")
     # through the layer: float32 output equals the float64 layer's
     ref = layer.double()(x32.double())
@@ -146,6 +148,7 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
     x, w0, w1, bias, _ = _inputs(8, 8, 8, 8, 1, 3)
     with pytest.warns(RuntimeWarning, match="could not build the fused CPU BTT kernel"):
         assert cpu_jit.kernel_for(x, w0, w1) is None
+    assert not cpu_jit.available()
     y = btt2_matmul(x, w0, w1, bias)  # the torch.bmm path, no second warning
     torch.testing.assert_close(y.double(), _einsum64(x, w0, w1, bias), rtol=1e-5, atol=1e-5)
     assert not list((tmp_path / "empty").rglob("*.so"))  # nothing half-written left behind

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BTT2Kernel", "cache_dir", "enabled", "kernel_for"]
+__all__ = ["BTT2Kernel", "available", "cache_dir", "enabled", "kernel_for"]
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # Where the C kernel beats the torch.bmm path (forward+backward, batch 512, 2-core AVX2 CPU,
@@ -218,6 +218,12 @@ def _in_dispatch_mode() -> bool:
     # FlopCounterMode (the trainer's MAC count), FakeTensorMode and other dispatch modes must see
     # the torch ops; a ctypes call would be invisible to them.
     return _is_in_torch_dispatch_mode()
+
+
+def available() -> bool:
+    """Whether the C kernel is on and builds here (compiles a tiny shape on first call)."""
+    x = torch.zeros(1, 64)
+    return kernel_for(x, torch.zeros(8, 8, 8), torch.zeros(8, 8, 8)) is not None
 
 
 def kernel_for(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> BTT2Kernel | None:
