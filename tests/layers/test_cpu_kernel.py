@@ -186,3 +186,17 @@ def test_flop_counting_sees_the_torch_ops(kernel_available):
     assert counter.get_total_flops() == 2 * layer.flops(4)
     model = torch.nn.Sequential(layer, torch.nn.ReLU(), make_linear("btt", 1024, 256, rank=2))
     assert forward_macs(model, torch.randn(1, 1024)) == layer.flops() + model[2].flops()
+
+
+def test_inconsistent_inputs_take_the_torch_path_and_its_errors(kernel_available):
+    """The C code trusts its sizes; anything inconsistent must go to the torch path, which
+    raises instead of reading past the end of a buffer."""
+    x, w0, w1, bias, _ = _inputs(8, 8, 8, 8, 1, 3)
+    assert cpu_jit.kernel_for(x, w0, w1, bias) is not None
+    wrong_x = torch.randn(3, 72)  # m1 * m0 = 64
+    assert cpu_jit.kernel_for(wrong_x, w0, w1, bias) is None
+    with pytest.raises(RuntimeError):
+        btt2_matmul(wrong_x, w0, w1, bias)
+    assert cpu_jit.kernel_for(x, w0, w1, torch.randn(65)) is None
+    assert cpu_jit.kernel_for(x, w0, w1, bias.double()) is None
+    assert cpu_jit.kernel_for(x, w0, torch.randn(8, 8, 16)) is None  # k != r * m1

@@ -22,7 +22,8 @@ values), never the dense matrix, and skips the input gradient when it is not nee
 differentiable (for double backward it recomputes the intermediate with a graph).
 
 On the CPU in float32, :func:`btt2_matmul` runs the fused C kernel of :mod:`.cpu_jit` instead when
-it can be built: same math, no layout copies, about 1.4x faster at ``d=1024`` (RESULTS.md).
+it can be built: same math, no layout copies, about 1.3x faster at ``d=1024``, rank 1
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class _BTT2(torch.autograd.Function):
     def forward(
         ctx, x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        ctx.kernel = kernel_for(x, w0, w1)
+        ctx.kernel = kernel_for(x, w0, w1, bias)
         if ctx.kernel is not None:
             x = x.contiguous()
             y, z = ctx.kernel.forward(x, w0, w1, bias)

@@ -141,6 +141,8 @@ class BTT2Kernel:
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(dx, dw0, dw1, db)`` for the saved ``x``, ``z`` and a contiguous ``grad``."""
         s = self._shape(x, w0, w1)
+        # Held in locals: a temporary's memory could be freed before the C call reads it.
+        w0c, w1c = w0.contiguous(), w1.contiguous()
         threads = torch.get_num_threads()
         scratch = x.new_empty(threads * self._scratch())
         dx = torch.empty_like(x) if need_dx else None
@@ -150,8 +152,8 @@ class BTT2Kernel:
         self._bwd(
             ctypes.byref(s),
             x.data_ptr(),
-            w0.contiguous().data_ptr(),
-            w1.contiguous().data_ptr(),
+            w0c.data_ptr(),
+            w1c.data_ptr(),
             z.data_ptr(),
             grad.data_ptr(),
             dx.data_ptr() if dx is not None else None,
@@ -226,14 +228,19 @@ def available() -> bool:
     return kernel_for(x, torch.zeros(8, 8, 8), torch.zeros(8, 8, 8)) is not None
 
 
-def kernel_for(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> BTT2Kernel | None:
-    """The compiled kernel for this call, or None when the ``torch.bmm`` path must be used."""
+def kernel_for(
+    x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, bias: torch.Tensor | None = None
+) -> BTT2Kernel | None:
+    """The compiled kernel for this call, or None when the ``torch.bmm`` path must be used.
+
+    Inconsistent shapes also get None: the C code trusts its sizes, while the torch path raises
+    a proper error for them."""
+    tensors = [t for t in (x, w0, w1, bias) if t is not None]
     if (
-        x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or w0.dtype != torch.float32
-        or w1.dtype != torch.float32
-        or w0.device.type != "cpu"
+        any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
+        or x.dim() != 2
+        or w0.dim() != 3
+        or w1.dim() != 3
         or torch.compiler.is_compiling()
         or _in_dispatch_mode()
         or not enabled()
@@ -241,13 +248,21 @@ def kernel_for(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> BTT2Kerne
         return None
     m1, h, m0 = w0.shape
     n0, n1, k = w1.shape
-    r = h // n0
+    r = h // n0 if n0 else 0
+    if (
+        r < 1
+        or h != n0 * r
+        or k != r * m1
+        or x.shape[1] != m1 * m0
+        or (bias is not None and bias.shape != (n0 * n1,))
+    ):
+        return None
     if any(dim % 8 for dim in (h, k, m0, n1)):
         return None
     if r > _MAX_RANK or max(m1, m0, n0, n1) > _MAX_BLOCK:
         # Larger blocks make GEMMs big enough for MKL to win (see _MAX_BLOCK).
         return None
-    shape = (m1, m0, n0, n1, h // n0)
+    shape = (m1, m0, n0, n1, r)
     if shape not in _KERNELS:
         _KERNELS[shape] = _build(shape)
     return _KERNELS[shape]
