@@ -66,6 +66,51 @@ def test_sweep_dry_run_lists_runs(capsys):
     assert "dense_w32_lr1e-02_s0" in out and "btt" in out and "MACs/ex" in out
 
 
+def test_sweep_only_narrows_the_dry_run(capsys):
+    spec = (
+        Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "cifar10_mlp_scaling-cpu.yaml"
+    )
+    assert main(["sweep", str(spec), "--dry-run", "--only", "dense_w32_*", "btt_*"]) == 0
+    out = capsys.readouterr().out
+    assert "dense_w32_lr1e-02_s0" in out and "btt_" in out
+    assert "dense_w64" not in out and "monarch" not in out
+    assert main(["sweep", str(spec), "--dry-run", "--only", "nothing_*"]) == 2
+    assert "matches none" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-tune-malloc"]])
+def test_train_and_sweep_tune_malloc_unless_told_not_to(tmp_path, monkeypatch, flag):
+    import structlin.scaling.sweep as sweep_mod
+    import structlin.train
+    import structlin.utils.malloc
+
+    calls = []
+    monkeypatch.setattr(structlin.utils.malloc, "tune_malloc", lambda: calls.append(1) or True)
+
+    class FakeTrainer:
+        def __init__(self, cfg, out, **kw):
+            pass
+
+        def fit(self):
+            return {"status": "finished", "step": 1}
+
+    monkeypatch.setattr(structlin.train, "Trainer", FakeTrainer)
+    config = Path(__file__).resolve().parents[1] / "configs/cifar10_mlp-cpu.yaml"
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), *flag]) == 0
+    assert len(calls) == (0 if flag else 1)
+
+    seen = {}
+
+    def fake_run_sweep(sweep, *, jobs, threads_per_job, tune_malloc):
+        seen["tune_malloc"] = tune_malloc
+        return []
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", fake_run_sweep)
+    spec = Path(__file__).resolve().parents[1] / "configs/sweeps/cifar10_mlp_scaling-cpu.yaml"
+    assert main(["sweep", str(spec), "--only", "dense_w32_*", *flag]) == 0
+    assert seen == {"tune_malloc": not flag}
+
+
 def _fake_run(root, structure, width, macs, err, name=None):
     import json
 

@@ -66,3 +66,22 @@ def test_study_script_runs_only_the_chosen_stages(tmp_path):
     assert all("gpt2_austen_wn_stability.yaml" in s and "train.ckpt_every=0" in s for s in sweeps)
     assert sweeps[0].endswith("optim.lr=0.02") and sweeps[1].endswith("optim.lr=0.006")
     assert f"data.source={tmp_path}/austen.txt.gz" in sweeps[0]
+
+
+def test_malloc_step_benchmark_times_both_allocators(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "malloc_step.py"
+    out = tmp_path / "m.json"
+    cmd = [sys.executable, str(bench), "--config", "configs/cifar10_mlp-cpu.yaml", "--pairs", "1"]
+    cmd += ["--steps", "2", "--warmup", "1", "--out", str(out), "--set", "model.width=16"]
+    subprocess.run(cmd, check=True, cwd=bench.parents[1], capture_output=True)
+    res = json.loads(out.read_text())
+    assert [p["order"] for p in res["pairs"]] == [["default", "tuned"]]
+    for p in res["pairs"]:
+        assert p["default"]["tuned"] is False and p["tuned"]["tuned"] is True
+        assert len(p["tuned"]["steps_s"]) == 2 and all(t > 0 for t in p["tuned"]["steps_s"])
+        assert p["ratio"] == pytest.approx(p["default"]["median_s"] / p["tuned"]["median_s"])
+    assert res["median_ratio"] > 0 and not list(tmp_path.glob("*.tmp*"))

@@ -150,6 +150,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer, load_config
 
     config = load_config(args.config, args.set)
+    if not args.no_tune_malloc:
+        from .utils.malloc import tune_malloc
+
+        tune_malloc()
     out = args.out or f"runs/{config.name}"
     trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
     result = trainer.fit()
@@ -158,9 +162,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .scaling.sweep import dry_run, load_sweep, run_sweep, submit_slurm
+    from .scaling.sweep import dry_run, load_sweep, run_sweep, select, submit_slurm
 
     sweep = load_sweep(args.spec, extra_set=args.set)
+    if args.only:
+        sweep = select(sweep, args.only)
     print(dry_run(sweep))
     if args.dry_run:
         return 0
@@ -168,7 +174,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         jobs = submit_slurm(sweep, partition=args.partition, timeout_min=args.timeout_min)
         print(f"submitted {len(jobs)} job(s) to SLURM")
         return 0
-    results = run_sweep(sweep, jobs=args.jobs, threads_per_job=args.threads)
+    results = run_sweep(
+        sweep, jobs=args.jobs, threads_per_job=args.threads, tune_malloc=not args.no_tune_malloc
+    )
     return 1 if any(r["status"] == "failed" for r in results) else 0
 
 
@@ -246,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="restart in an existing directory")
+    train.add_argument(
+        "--no-tune-malloc",
+        action="store_true",
+        help="keep glibc's default allocator, which unmaps and re-faults large activations "
+        "every step (by default the CLI keeps freed memory for reuse: structlin.utils.malloc)",
+    )
     train.set_defaults(func=_cmd_train)
 
     sw = sub.add_parser("sweep", help="run (or submit) a grid of training runs from a spec")
@@ -258,11 +272,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="overrides added to every run, e.g. data.source=/data/cifar-10-python.tar.gz",
     )
+    sw.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="run only the runs whose names match a shell-style pattern, e.g. '*_lr3e-02_s0'",
+    )
     sw.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine")
     sw.add_argument("--threads", type=int, default=None, help="torch threads per run")
     sw.add_argument("--slurm", action="store_true", help="submit a SLURM job array (submitit)")
     sw.add_argument("--partition", default=None)
     sw.add_argument("--timeout-min", type=int, default=1440)
+    sw.add_argument(
+        "--no-tune-malloc",
+        action="store_true",
+        help="keep glibc's default allocator, which unmaps and re-faults large activations "
+        "every step (by default the CLI keeps freed memory for reuse: structlin.utils.malloc)",
+    )
     sw.set_defaults(func=_cmd_sweep)
 
     res = sub.add_parser("results", help="collect training runs into one table")

@@ -114,6 +114,36 @@ def test_expand_counts_and_names(tmp_path):
     assert cfg.optim.lr == 3e-3 and cfg.train.seed == 1 and cfg.name == r.name
 
 
+def test_select_keeps_matching_runs_in_grid_order(tmp_path):
+    s = sw.load_sweep(write_spec(tmp_path, extra="  lrs: [1e-3, 3e-3]\n  seeds: [0, 1]\n"))
+    every = [r.name for r in sw.expand(s)]
+    some = sw.select(s, ["btt_*_s1", "dense_w32_lr1e-03_s0"])
+    names = [r.name for r in sw.expand(some)]
+    assert names == [
+        n for n in every if (n.startswith("btt_") and n.endswith("_s1")) or n == every[4]
+    ]
+    assert len(names) == 5 and every[4] == "dense_w32_lr1e-03_s0"
+    assert [r.name for r in sw.expand(s)] == every  # the original sweep is unchanged
+    assert sw.dry_run(some).count("\n") < sw.dry_run(s).count("\n")
+    with pytest.raises(ValueError, match=r"'btt_w64_\*' matches none of the 16 runs.*closest"):
+        sw.select(s, ["btt_w64_*"])
+    with pytest.raises(ValueError, match="matches none"):  # case matters, on every OS
+        sw.select(s, ["BTT_*"])
+
+
+def test_run_sweep_only_trains_selected_runs(tmp_path, fake_cifar):
+    s = sw.load_sweep(write_spec(tmp_path, data=fake_cifar))
+    res = sw.run_sweep(sw.select(s, ["*_w32_*"]), jobs=1, log=None)
+    assert [r["name"] for r in res] == ["dense_w32_lr3e-03_s0", "btt_w32_lr3e-03_s0"]
+    states = {r.name: sw.run_state(r.out_dir) for r in sw.expand(s)}
+    assert states == {
+        "dense_w16_lr3e-03_s0": "new",
+        "dense_w32_lr3e-03_s0": "finished",
+        "btt_w16_lr3e-03_s0": "new",
+        "btt_w32_lr3e-03_s0": "finished",
+    }
+
+
 def test_dry_run_macs_increase_with_width(tmp_path):
     structs = (
         "    - {spec: dense, widths: [16, 32, 64]}\n    - {spec: 'btt:rank=1', widths: [16, 64]}\n"
@@ -220,6 +250,35 @@ def test_resume_flag_passed_to_trainer(tmp_path, monkeypatch):
     res = sw.run_sweep(s, jobs=1, log=None)
     assert calls == {a.name: (True, False), b.name: (False, True)}
     assert [r["resumed"] for r in res] == [True, False]
+
+
+def test_run_sweep_passes_tune_malloc_to_each_run(tmp_path, monkeypatch):
+    s = sw.load_sweep(write_spec(tmp_path, "    - {spec: dense, widths: [16, 32]}\n"))
+    seen = []
+
+    def fake_run_one(run, threads=None, progress=None, tune_malloc=False):
+        seen.append(tune_malloc)
+        return sw._result(run, "finished")
+
+    monkeypatch.setattr(sw, "run_one", fake_run_one)
+    sw.run_sweep(s, jobs=1, log=None, tune_malloc=True)
+    sw.run_sweep(s, jobs=1, log=None)
+    assert seen == [True, True, False, False]
+
+
+def test_run_one_tunes_malloc_only_when_asked(tmp_path, monkeypatch):
+    import structlin.utils.malloc
+
+    calls = []
+    monkeypatch.setattr(structlin.utils.malloc, "tune_malloc", lambda: calls.append(1) or True)
+    s = sw.load_sweep(write_spec(tmp_path, "    - {spec: dense, widths: [16]}\n"))
+    (run,) = sw.expand(s)
+    Path(run.out_dir).mkdir(parents=True)
+    (Path(run.out_dir) / "config.yaml").write_text("not: a config\n")
+    sw.run_one(run, tune_malloc=False)
+    assert calls == []
+    sw.run_one(run, tune_malloc=True)
+    assert calls == [1]
 
 
 def test_parallel_jobs(tmp_path, fake_cifar):

@@ -21,12 +21,13 @@ finished runs, resuming interrupted ones, N at a time) and ``submit_slurm`` subm
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import json
 import math
 import os
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "run_one",
     "run_state",
     "run_sweep",
+    "select",
     "submit_slurm",
 ]
 
@@ -70,6 +72,7 @@ class Sweep:
     seeds: list[int] = field(default_factory=lambda: [0])
     set: list[str] = field(default_factory=list)
     path: Path | None = None
+    only: list[str] = field(default_factory=list)  # run-name patterns; empty: every run
 
 
 @dataclass
@@ -257,8 +260,27 @@ def _prefixes(sweep: Sweep) -> list[str]:
     return out
 
 
+def select(sweep: Sweep, patterns: list[str]) -> Sweep:
+    """``sweep`` restricted to the runs whose names match any of ``patterns`` (shell-style, as in
+    ``fnmatch``: ``'dense_*'``, ``'*_lr3e-02_s0'``), e.g. to run the most-needed runs of a long
+    sweep first. Raises ``ValueError``, listing the run names, if a pattern matches no run."""
+    names = [r.name for r in expand(replace(sweep, only=[]))]
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            close = difflib.get_close_matches(pat, names, n=3, cutoff=0.5)
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise ValueError(
+                f"--only {pat!r} matches none of the {len(names)} runs of "
+                f"{sweep.path or 'this sweep'} ({shown}){hint}; patterns are shell-style "
+                f"(fnmatch), e.g. '*_s0'"
+            )
+    return replace(sweep, only=list(patterns))
+
+
 def expand(sweep: Sweep) -> list[RunSpec]:
-    """Every run of the grid, in order: structure, width, lr, seed."""
+    """Every run of the grid, in order: structure, width, lr, seed (only those matching
+    ``sweep.only`` when it is set; see ``select``)."""
     runs = []
     for entry, prefix in zip(sweep.structures, _prefixes(sweep), strict=True):
         for width in entry.widths:
@@ -294,6 +316,8 @@ def expand(sweep: Sweep) -> list[RunSpec]:
                 f"'name' keys"
             )
         seen.add(r.name)
+    if sweep.only:
+        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in sweep.only)]
     return runs
 
 
@@ -412,15 +436,26 @@ def _result(run: RunSpec, status: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def run_one(run: RunSpec, threads: int | None = None, progress: bool | None = None) -> dict:
+def run_one(
+    run: RunSpec,
+    threads: int | None = None,
+    progress: bool | None = None,
+    tune_malloc: bool = False,
+) -> dict:
     """Train one run (top-level, so picklable for process pools and submitit).
 
     Skips a finished run, resumes an interrupted one, and on failure writes the traceback to
-    ``RUN/error.txt`` and returns ``status="failed"`` instead of raising."""
+    ``RUN/error.txt`` and returns ``status="failed"`` instead of raising. ``tune_malloc=True``
+    applies :func:`structlin.utils.malloc.tune_malloc` to this process first (process-wide, so
+    only for processes the caller owns, such as the CLI's and the sweep's workers)."""
     import torch
 
     from ..train import Trainer, load_config
 
+    if tune_malloc:
+        from ..utils.malloc import tune_malloc as _tune_malloc
+
+        _tune_malloc()
     if threads:
         torch.set_num_threads(threads)
     out = Path(run.out_dir)
@@ -462,10 +497,13 @@ def run_sweep(
     jobs: int = 1,
     threads_per_job: int | None = None,
     log: Callable[[str], None] | None = print,
+    tune_malloc: bool = False,
 ) -> list[dict]:
     """Train every run of ``sweep``: ``jobs`` at a time in spawned processes (in this process
     when ``jobs == 1``). Returns one status dict per run, in ``expand`` order: ``status`` is
-    ``"skipped"`` (already finished), ``"finished"``, ``"interrupted"`` or ``"failed"``."""
+    ``"skipped"`` (already finished), ``"finished"``, ``"interrupted"`` or ``"failed"``.
+    ``tune_malloc`` is passed to ``run_one`` (it then changes this process's allocator when
+    ``jobs == 1``)."""
     import torch
 
     say = log or (lambda _msg: None)
@@ -484,7 +522,7 @@ def run_sweep(
         try:
             for r in todo:
                 say(f"start {r.name}")
-                results[r.name] = res = run_one(r, threads)
+                results[r.name] = res = run_one(r, threads, tune_malloc=tune_malloc)
                 say(f"{res['status']} {r.name}")
         finally:
             torch.set_num_threads(before)
@@ -494,7 +532,7 @@ def run_sweep(
 
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(run_one, r, threads, False): r for r in todo}
+            futures = {pool.submit(run_one, r, threads, False, tune_malloc): r for r in todo}
             say(f"started {len(todo)} runs, {jobs} at a time, {threads} threads each")
             for fut in as_completed(futures):
                 r = futures[fut]
