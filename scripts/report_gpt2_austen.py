@@ -3,8 +3,9 @@
     python scripts/report_gpt2_austen.py [RESULTS_DIR] [FIGURES_DIR]
 
 RESULTS_DIR (default results/gpt2_austen) holds the run folders lr_tune/, scaling/,
-wn_stability/ and optionally wn_mechanism/ (metrics.jsonl and config.yaml per run, as
-scripts/gpt2_austen_study.sh leaves them). Writes one CSV and JSON table per study next to
+wn_stability/ and optionally wn_dense_cpu/ (the dense reference run on the CPU) and
+wn_mechanism/ (metrics.jsonl and config.yaml per run, as scripts/gpt2_austen_study.sh leaves
+them). Writes one CSV and JSON table per study next to
 them, the figures (PNG and PDF) into FIGURES_DIR (default docs/figures), and prints the fits,
 multipliers and the stability table.
 
@@ -73,26 +74,36 @@ def fits_report(rows: list[dict], x: str) -> None:
         print(f"compute multiplier {g} vs dense at loss {target:.3f}: {m:.2f}x (95% {ci})")
 
 
-def stability_report(study_dir: Path, figures: Path) -> None:
+COMPARE_STEPS = (240, 360, 400)  # the GPU lease cut runs at 260-380; all logged 240 and 360
+
+
+def stability_report(studies: list[tuple[Path, str]], figures: Path) -> None:
+    """``studies``: (run folder, device tag) pairs, e.g. the GPU runs of wn_stability/ and the
+    CPU dense reference of wn_dense_cpu/; a non-empty tag is appended to the group name."""
     print("\n## weight-norm stability (spike = largest rise of the train loss above its running")
-    print("## minimum after warm-up; a NaN or a failed run counts as diverged)")
+    print("## minimum after warm-up; a NaN or a failed run counts as diverged; val@S = the")
+    print("## validation loss at step S)")
     groups: dict[tuple[str, float], list[str]] = defaultdict(list)
     curves = []
-    for r in sorted(collect_runs([study_dir]), key=lambda r: r["name"]):
-        rows = read_metrics(r["path"])
-        losses = [m["train_loss"] for m in rows if m["step"] > 40]
-        finite = all(math.isfinite(v) for v in losses)
-        diverged = r["status"] == "failed" or not finite
-        spike = max((v - min(losses[: i + 1]) for i, v in enumerate(losses)), default=0.0)
-        # Largest stored-factor RMS over its init std (runs from before it was logged lack it).
-        growth = max((m["factor_rms_max"] for m in rows if "factor_rms_max" in m), default=None)
-        groups[(r["group"], r["lr"])].append(
-            f"s{r['seed']}: steps {r['steps']}, final {r['final_train_loss']:.3f}, "
-            f"spike {spike:.3f}, val {r['final_test_loss']:.3f}"
-            f"{'' if growth is None else f', factor rms/init max {growth:.2f}'}"
-            f"{', DIVERGED' if diverged else ''}{'' if r['status'] == 'finished' else ' (cut)'}"
-        )
-        curves.append((f"{r['group']} lr={r['lr']:g} s{r['seed']}", rows))
+    for study_dir, tag in studies:
+        for r in sorted(collect_runs([study_dir]), key=lambda r: r["name"]):
+            rows = read_metrics(r["path"])
+            group = r["group"] + (f"-{tag}" if tag else "")
+            losses = [m["train_loss"] for m in rows if m["step"] > 40]
+            finite = all(math.isfinite(v) for v in losses)
+            diverged = r["status"] == "failed" or not finite
+            spike = max((v - min(losses[: i + 1]) for i, v in enumerate(losses)), default=0.0)
+            # Largest stored-factor RMS over its init std (runs from before it was logged lack it).
+            growth = max((m["factor_rms_max"] for m in rows if "factor_rms_max" in m), default=None)
+            val_at = {m["step"]: m["test_loss"] for m in rows if m.get("test_loss") is not None}
+            vals = ", ".join(f"val@{s} {val_at[s]:.3f}" for s in COMPARE_STEPS if s in val_at)
+            groups[(group, r["lr"])].append(
+                f"s{r['seed']}: steps {r['steps']}, final train {r['final_train_loss']:.3f}, "
+                f"spike {spike:.3f}, {vals}"
+                f"{'' if growth is None else f', factor rms/init max {growth:.2f}'}"
+                f"{', DIVERGED' if diverged else ''}{'' if r['status'] == 'finished' else ' (cut)'}"
+            )
+            curves.append((f"{group} lr={r['lr']:g} s{r['seed']}", rows))
     for (g, lr), lines in sorted(groups.items()):
         print(f"{g:11s} lr={lr:g}")
         for line in lines:
@@ -160,8 +171,12 @@ def main(argv: list[str]) -> None:
             rows, figures / f"gpt2_austen_scaling{suffix}", x=x, y="final_test_loss", by="group"
         )
         print("wrote", *paths)
-    collect(results / "wn_stability")
-    stability_report(results / "wn_stability", figures)
+    studies = [(results / "wn_stability", "")]
+    if (results / "wn_dense_cpu").is_dir():  # the dense reference, finished on the CPU
+        studies.append((results / "wn_dense_cpu", "cpu"))
+    for study_dir, _ in studies:
+        collect(study_dir)
+    stability_report(studies, figures)
     if (results / "wn_mechanism").is_dir():
         collect(results / "wn_mechanism")
         mechanism_report(results / "wn_mechanism", figures)

@@ -55,6 +55,14 @@ def test_plot_scaling_writes_png_and_pdf(tmp_path):
     _check(paths, tmp_path)
 
 
+def test_same_rows_give_byte_identical_figures(tmp_path):
+    # no creation date in the PDF: re-running a report does not churn committed figures
+    first = [p.read_bytes() for p in plot_scaling(_rows(), tmp_path / "a" / "s")]
+    second = [p.read_bytes() for p in plot_scaling(_rows(), tmp_path / "b" / "s")]
+    assert first == second
+    assert b"CreationDate" not in first[1]
+
+
 def test_plot_scaling_suffix_and_options(tmp_path):
     paths = plot_scaling(
         _rows(), tmp_path / "s.png", x="forward_macs_per_example", y="best_test_error"

@@ -76,8 +76,14 @@ def _save(fig: Any, path: str | os.PathLike) -> list[Path]:
     try:
         for fmt in _FORMATS:
             target = base.with_name(f"{base.name}.{fmt}")
+            # No creation date in the PDF, so re-running a report over the same results leaves
+            # the committed figures byte-identical.
+            meta = {"CreationDate": None} if fmt == "pdf" else None
             atomic_write(
-                target, lambda f, fmt=fmt: fig.savefig(f, format=fmt, dpi=200, bbox_inches="tight")
+                target,
+                lambda f, fmt=fmt, meta=meta: fig.savefig(
+                    f, format=fmt, dpi=200, bbox_inches="tight", metadata=meta
+                ),
             )
             out.append(target)
     finally:
