@@ -16,7 +16,8 @@ fixed random tokens (GPT-2) or images (MLP) and reports its median step. The rat
 biases neither side); we report the median over pairs.
 
 Usage: ``python benchmarks/malloc_step.py [--config configs/gpt2_austen-cpu.yaml]
-[--set model.width=384 data.batch_size=32] [--pairs 3] [--steps 4] [--out PATH]``.
+[--set model.width=384 data.batch_size=32] [--pairs 2] [--steps 4] [--warmup 3] [--out PATH]``.
+The first steps of a tuned process still grow the heap (page faults), so keep ``--warmup`` >= 3.
 Writes ``benchmarks/out/malloc_step.json`` by default.
 """
 
@@ -80,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/gpt2_austen-cpu.yaml")
     ap.add_argument("--set", nargs="*", default=["model.width=384", "data.batch_size=32"])
-    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", type=Path, default=HERE / "out" / "malloc_step.json")
     ap.add_argument("--child", choices=["default", "tuned"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
