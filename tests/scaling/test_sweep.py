@@ -303,3 +303,10 @@ def test_slurm_function_is_picklable_and_callable(tmp_path, fake_cifar):
     (run,) = pickle.loads(pickle.dumps(sw.expand(s)))
     assert fn(run)["status"] == "finished"
     assert fn(run)["status"] == "skipped"
+
+
+def test_module_entry_point_is_the_cli_sweep(capsys):
+    spec = REPO / "configs" / "sweeps" / "cifar10_mlp_scaling-cpu.yaml"
+    assert sw.main([str(spec), "--dry-run", "--only", "btt_*"]) == 0
+    out = capsys.readouterr().out
+    assert "btt_" in out and "dense_w32" not in out

@@ -588,21 +588,13 @@ def submit_slurm(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m structlin.scaling.sweep SPEC [--dry-run] [--jobs N] [--threads T]``."""
-    import argparse
+    """``python -m structlin.scaling.sweep ARGS`` is ``structlin sweep ARGS`` (one parser, so the
+    two cannot drift apart)."""
+    import sys
 
-    ap = argparse.ArgumentParser(prog="python -m structlin.scaling.sweep", description=__doc__)
-    ap.add_argument("spec")
-    ap.add_argument("--dry-run", action="store_true", help="list the runs; train nothing")
-    ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per job")
-    args = ap.parse_args(argv)
-    sweep = load_sweep(args.spec)
-    print(dry_run(sweep))
-    if args.dry_run:
-        return 0
-    results = run_sweep(sweep, jobs=args.jobs, threads_per_job=args.threads)
-    return 1 if any(r["status"] == "failed" for r in results) else 0
+    from ..cli import main as cli_main
+
+    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
