@@ -237,6 +237,15 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tune_malloc_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-tune-malloc",
+        action="store_true",
+        help="keep glibc's default allocator, which unmaps and re-faults large activations "
+        "every step (by default the CLI keeps freed memory for reuse: structlin.utils.malloc)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structlin", description=__doc__)
     parser.add_argument("--version", action="version", version=f"structlin {__version__}")
@@ -254,12 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="restart in an existing directory")
-    train.add_argument(
-        "--no-tune-malloc",
-        action="store_true",
-        help="keep glibc's default allocator, which unmaps and re-faults large activations "
-        "every step (by default the CLI keeps freed memory for reuse: structlin.utils.malloc)",
-    )
+    _add_tune_malloc_flag(train)
     train.set_defaults(func=_cmd_train)
 
     sw = sub.add_parser("sweep", help="run (or submit) a grid of training runs from a spec")
@@ -284,12 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--slurm", action="store_true", help="submit a SLURM job array (submitit)")
     sw.add_argument("--partition", default=None)
     sw.add_argument("--timeout-min", type=int, default=1440)
-    sw.add_argument(
-        "--no-tune-malloc",
-        action="store_true",
-        help="keep glibc's default allocator, which unmaps and re-faults large activations "
-        "every step (by default the CLI keeps freed memory for reuse: structlin.utils.malloc)",
-    )
+    _add_tune_malloc_flag(sw)
     sw.set_defaults(func=_cmd_sweep)
 
     res = sub.add_parser("results", help="collect training runs into one table")
