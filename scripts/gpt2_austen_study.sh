@@ -10,6 +10,7 @@
 #   (default "structlin") is the command to call. Finished runs are skipped when re-run.
 #   STAGES (default "tune scaling wn") picks stages; LR=... skips reading the tuned rate from
 #   runs/gpt2_austen_lr_tune, e.g. `STAGES=wn LR=0.01 scripts/gpt2_austen_study.sh DATA_DIR`.
+#   MULTS (default "10 3") lists the weight-norm stage's LR multiples, in the order they run.
 set -uo pipefail
 DATA=${1:?usage: scripts/gpt2_austen_study.sh DATA_DIR [KEY=VALUE ...]}
 shift
@@ -46,7 +47,8 @@ if stage scaling; then
     --set "${SETS[@]}" "optim.lr=$LR"
 fi
 if stage wn; then
-  for mult in 10 3; do
+  for mult in ${MULTS:-10 3}; do
+    [[ $mult =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "MULTS: expected numbers, got '$mult'" >&2; exit 2; }
     HIGH=$("${PYTHON:-python3}" -c "print(repr($mult * $LR))")
     boxed "${T_WN:-}" "${SL[@]}" sweep configs/sweeps/gpt2_austen_wn_stability.yaml \
       --jobs "$JOBS" --set "${SETS[@]}" "optim.lr=$HIGH"

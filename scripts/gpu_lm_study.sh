@@ -5,6 +5,7 @@
 # To finish only the weight-norm stage at the tuned LR of docs/results-lm.md (about 3 minutes of
 # an H200 with all 9 runs of each LR in parallel):
 #   STAGES=wn LR=0.01 JOBS=9 T_WN=240 bash scripts/gpu_lm_study.sh
+# (MULTS="3 10" runs the 3x stage first, so that a lease cut short loses the 10x one.)
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"

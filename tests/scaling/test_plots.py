@@ -149,3 +149,35 @@ def test_plot_curves_panels_colours_and_cut_runs(tmp_path):
     _check(paths, tmp_path)
     with pytest.raises(ValueError, match="no run has a finite"):
         plot_curves([("a", [{"step": 1, "train_loss": float("nan")}])], tmp_path / "x")
+
+
+def test_plot_curves_ylim_clips_a_spike_and_marks_where_it_leaves(tmp_path, monkeypatch):
+    import structlin.scaling.plots as plots
+
+    figs = []
+    real_save = plots._save
+    monkeypatch.setattr(
+        plots, "_save", lambda fig, path: (figs.append(fig), real_save(fig, path))[1]
+    )
+    calm = [{"step": s, "train_loss": 6.0 - 0.005 * s} for s in range(0, 101, 10)]
+    # Off the chart twice: steps 30-40 and 70.
+    spiky = [
+        {"step": s, "train_loss": 80.0 if s in (30, 40, 70) else 6.0} for s in range(0, 101, 10)
+    ]
+    paths = plot_curves(
+        [("dense lr=1 s0", spiky), ("btt lr=1 s0", calm)],
+        tmp_path / "clipped",
+        panel=lambda label: label.split()[1],
+        colour=lambda label: label.split()[0],
+        ylim=(4.0, 9.0),
+    )
+    _check(paths, tmp_path)
+    (ax,) = figs[0].axes
+    assert ax.get_ylim() == (4.0, 9.0)
+    markers = [line for line in ax.lines if line.get_marker() == "^"]
+    assert len(markers) == 1  # only the spiky run
+    assert list(markers[0].get_xdata()) == [30.0, 70.0]
+    assert list(markers[0].get_ydata()) == [9.0, 9.0]
+    for bad in [(9.0, 4.0), (4.0, float("nan")), (1.0, 1.0)]:
+        with pytest.raises(ValueError, match="ylim must be two finite numbers"):
+            plot_curves([("a", calm)], tmp_path / "bad", ylim=bad)

@@ -8,6 +8,7 @@ imported lazily with the non-interactive ``Agg`` backend; install it with
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -264,6 +265,7 @@ def plot_curves(
     panel: Callable[[str], str] | None = None,
     colour: Callable[[str], str] | None = None,
     title: str | None = None,
+    ylim: tuple[float, float] | None = None,
 ) -> list[Path]:
     """Training curves: ``y`` against ``x`` from each run's metrics rows, one line per run.
 
@@ -273,7 +275,17 @@ def plot_curves(
     both default to one group. A run that ends before the longest one is marked with an ``x``
     at its last point (stopped, diverged or cut short). Non-finite values end a line. Returns
     the PNG and PDF paths; raises ValueError when no run has a finite point.
+
+    ``ylim=(low, high)`` fixes the shared y range, so that one run's loss spike does not flatten
+    every other curve; a run that leaves the range upwards gets a ``^`` on the top edge at each
+    stretch off the chart.
     """
+    if ylim is not None:
+        low, high = (float(v) for v in ylim)
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(
+                f"plot_curves: ylim must be two finite numbers, low < high; got {ylim!r}"
+            )
     panel = panel or (lambda _label: "")
     colour = colour or (lambda label: label)
     series = []
@@ -314,6 +326,20 @@ def plot_curves(
             shown.add(key)
             if pts[-1, 0] < longest:
                 ax.plot(pts[-1, 0], pts[-1, 1], "x", color=colour_of[key], ms=8)
+            if ylim is not None:
+                above = pts[:, 1] > high
+                starts = above & ~np.concatenate(([False], above[:-1]))
+                if starts.any():
+                    ax.plot(
+                        pts[starts, 0],
+                        np.full(int(starts.sum()), high),
+                        "^",
+                        color=colour_of[key],
+                        ms=8,
+                        clip_on=False,
+                    )
+        if ylim is not None:
+            ax.set_ylim(low, high)
         ax.set_xlabel(_label(x))
         ax.set_title(name)
         ax.grid(True, alpha=0.3)
