@@ -26,6 +26,9 @@ boxed() {  # boxed SECONDS CMD...: run CMD, under `timeout` when SECONDS is set
 }
 
 STAGES=" ${STAGES:-tune scaling wn} "
+for mult in ${MULTS:-10 3}; do  # checked before any stage runs
+  [[ $mult =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "MULTS: expected numbers, got '$mult'" >&2; exit 2; }
+done
 stage() { [[ $STAGES == *" $1 "* ]]; }
 
 if stage tune; then
@@ -48,7 +51,6 @@ if stage scaling; then
 fi
 if stage wn; then
   for mult in ${MULTS:-10 3}; do
-    [[ $mult =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "MULTS: expected numbers, got '$mult'" >&2; exit 2; }
     HIGH=$("${PYTHON:-python3}" -c "print(repr($mult * $LR))")
     boxed "${T_WN:-}" "${SL[@]}" sweep configs/sweeps/gpt2_austen_wn_stability.yaml \
       --jobs "$JOBS" --set "${SETS[@]}" "optim.lr=$HIGH"

@@ -68,6 +68,26 @@ def test_study_script_runs_only_the_chosen_stages(tmp_path):
     assert f"data.source={tmp_path}/austen.txt.gz" in sweeps[0]
 
 
+def test_study_script_runs_the_lr_multiples_in_the_order_given(tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    script = str(SCRIPTS / "gpt2_austen_study.sh")
+    env = {**os.environ, "STRUCTLIN": "echo SL", "STAGES": "wn", "LR": "0.01", "MULTS": "3 100"}
+    out = subprocess.run(["bash", script, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0
+    sweeps = [line for line in out.stdout.splitlines() if line.startswith("SL sweep")]
+    assert [s.rsplit("optim.lr=", 1)[1] for s in sweeps] == ["0.03", "1.0"]
+    env["MULTS"] = "3 ten"
+    bad = subprocess.run(["bash", script, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "MULTS: expected numbers, got 'ten'" in bad.stderr
+    assert "SL" not in bad.stdout  # checked before any stage ran
+
+
 def test_malloc_step_benchmark_times_both_allocators(tmp_path):
     import json
     import subprocess
