@@ -2,9 +2,9 @@
 # Run scripts/gpt2_austen_study.sh on a lent GPU machine: the data travels in ./.gpudata (git-
 # ignored), the project runs from src/ under the image's python3, no checkpoints are written, and
 # the run folders (metrics and configs) come back as one archive under $OUT.
-# To finish only the weight-norm stage at the tuned LR of docs/results-lm.md (about 3 minutes of
-# an H200 with all 9 runs of each LR in parallel):
-#   STAGES=wn LR=0.01 JOBS=9 T_WN=240 bash scripts/gpu_lm_study.sh
+# To run only the weight-norm stage at the tuned LR of docs/results-lm.md (on an H200 with the 9
+# runs of each LR in parallel, about 2.5 minutes per LR: 304 s for 3x and 10x on 2026-11-28):
+#   STAGES=wn LR=0.01 JOBS=9 T_WN=225 MULTS="3 10" bash scripts/gpu_lm_study.sh
 # (MULTS="3 10" runs the 3x stage first, so that a lease cut short loses the 10x one.)
 set -u
 OUT=${OUT:-gpu_out}
