@@ -26,7 +26,8 @@ boxed() {  # boxed SECONDS CMD...: run CMD, under `timeout` when SECONDS is set
 }
 
 STAGES=" ${STAGES:-tune scaling wn} "
-for mult in ${MULTS:-10 3}; do  # checked before any stage runs
+MULTS=${MULTS:-10 3}
+for mult in $MULTS; do  # checked before any stage runs
   [[ $mult =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "MULTS: expected numbers, got '$mult'" >&2; exit 2; }
 done
 stage() { [[ $STAGES == *" $1 "* ]]; }
@@ -50,7 +51,7 @@ if stage scaling; then
     --set "${SETS[@]}" "optim.lr=$LR"
 fi
 if stage wn; then
-  for mult in ${MULTS:-10 3}; do
+  for mult in $MULTS; do
     HIGH=$("${PYTHON:-python3}" -c "print(repr($mult * $LR))")
     boxed "${T_WN:-}" "${SL[@]}" sweep configs/sweeps/gpt2_austen_wn_stability.yaml \
       --jobs "$JOBS" --set "${SETS[@]}" "optim.lr=$HIGH"
