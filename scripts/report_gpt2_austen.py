@@ -84,10 +84,8 @@ def stability_report(studies: list[tuple[Path, str]], figures: Path) -> None:
     print("\n## weight-norm stability (spike = largest rise of the train loss above its running")
     print("## minimum after warm-up; a NaN or a failed run counts as diverged; val@S = the")
     print("## validation loss at step S)")
-    groups: dict[tuple[str, float], list[str]] = defaultdict(list)
-    group_vals: dict[tuple[str, float], dict[int, list[float]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
+    # (group, lr) -> [(the run's line, its val loss by step)]
+    groups: dict[tuple[str, float], list[tuple[str, dict[int, float]]]] = defaultdict(list)
     curves = []
     for study_dir, tag in studies:
         for r in sorted(collect_runs([study_dir]), key=lambda r: r["name"]):
@@ -101,23 +99,19 @@ def stability_report(studies: list[tuple[Path, str]], figures: Path) -> None:
             growth = max((m["factor_rms_max"] for m in rows if "factor_rms_max" in m), default=None)
             val_at = {m["step"]: m["test_loss"] for m in rows if m.get("test_loss") is not None}
             vals = ", ".join(f"val@{s} {val_at[s]:.3f}" for s in COMPARE_STEPS if s in val_at)
-            for s in COMPARE_STEPS:
-                if s in val_at:
-                    group_vals[(group, r["lr"])][s].append(val_at[s])
-            groups[(group, r["lr"])].append(
+            line = (
                 f"s{r['seed']}: steps {r['steps']}, final train {r['final_train_loss']:.3f}, "
                 f"spike {spike:.3f}, {vals}"
                 f"{'' if growth is None else f', factor rms/init max {growth:.2f}'}"
                 f"{', DIVERGED' if diverged else ''}{'' if r['status'] == 'finished' else ' (cut)'}"
             )
+            groups[(group, r["lr"])].append((line, val_at))
             curves.append((f"{group} lr={r['lr']:g} s{r['seed']}", rows))
-    for (g, lr), lines in sorted(groups.items()):
-        means = ", ".join(
-            f"val@{s} {sum(v) / len(v):.3f} (n={len(v)})"
-            for s, v in sorted(group_vals[(g, lr)].items())
-        )
+    for (g, lr), runs in sorted(groups.items()):
+        at = {s: [v[s] for _, v in runs if s in v] for s in COMPARE_STEPS}
+        means = ", ".join(f"val@{s} {sum(v) / len(v):.3f} (n={len(v)})" for s, v in at.items() if v)
         print(f"{g:11s} lr={lr:g}  mean {means}")
-        for line in lines:
+        for line, _ in runs:
             print(f"    {line}")
     paths = plot_curves(
         curves,
