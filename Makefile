@@ -38,10 +38,10 @@ bench: venv
 # Fashion-MNIST comes from its official site or, where web downloads are blocked, from Debian's
 # dataset-fashion-mnist package (apt needs current package lists: apt-get update, as root).
 demo: venv
-	$(PY) -m structlin data fetch fashion_mnist || \
+	$(PY) -m structlin_lab data fetch fashion_mnist || \
 	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-	    $(PY) -m structlin data fetch fashion_mnist; }
-	$(PY) -m structlin demo
+	    $(PY) -m structlin_lab data fetch fashion_mnist; }
+	$(PY) -m structlin_lab demo
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

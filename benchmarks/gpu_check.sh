@@ -18,7 +18,7 @@ timeout 240 $PY -m pytest -q -p no:cacheprovider -o addopts="-ra" -n 4 \
     tests/layers/test_cuda_layers.py tests/train/test_cuda_train.py >"$OUT/gpu_tests.log" 2>&1
 echo "rc=$?"; tail -15 "$OUT/gpu_tests.log"
 echo "== bench bf16 batch 8192"
-timeout 150 $PY -m structlin.cli bench --device cuda --dtype bfloat16 --batch 8192 \
+timeout 150 $PY -m structlin_lab.cli bench --device cuda --dtype bfloat16 --batch 8192 \
     --d 1024 4096 --rank 1 4 --repeats 15 --inner 20 --out "$OUT/bench_cuda_bf16.json" 2>&1 | tee "$OUT/bench.log"
 echo "== rest of the suite (time-boxed)"
 timeout "${SUITE_TIMEOUT:-100}" $PY -m pytest -q -p no:cacheprovider -n 12 -x tests >"$OUT/suite.log" 2>&1

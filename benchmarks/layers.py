@@ -2,7 +2,7 @@
 
 import sys
 
-from structlin.bench import main
+from structlin_lab.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,14 +36,14 @@ HERE = Path(__file__).resolve().parent
 
 def measure(config: str, sets: list[str], steps: int, warmup: int, tuned: bool) -> dict:
     """Run in the child process: median seconds per training step."""
-    from structlin.utils.malloc import tune_malloc
+    from structlin_lab.malloc import tune_malloc
 
     applied = tune_malloc() if tuned else False
     import torch
     import torch.nn.functional as F
 
-    from structlin.train import load_config
-    from structlin.train.build import build_model, build_optimizer, shapes_only
+    from structlin_lab.train import load_config
+    from structlin_lab.train.build import build_model, build_optimizer, shapes_only
 
     cfg = load_config(config, sets)
     torch.manual_seed(0)
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res))
         return 0
 
-    from structlin.bench import machine_info
-    from structlin.utils.io import atomic_write_text
+    from structlin.io import atomic_write_text
+    from structlin_lab.bench import machine_info
 
     def child(mode: str) -> dict:
         cmd = [sys.executable, __file__, "--child", mode, "--config", args.config]

@@ -8,7 +8,7 @@ cosine schedule, batch ``--batch``:
   images, built once and held in memory. Step ``i`` takes the contiguous slice
   ``[i * B, (i + 1) * B)`` (a view: no gather, no copy), then ``F.cross_entropy`` on the integer
   labels, ``zero_grad``, ``backward``, ``step``, ``scheduler.step``. No logging, no host syncs.
-- ``trainer``: ``structlin.train.Trainer`` with ``augment=false, mixup=0, label_smoothing=0``.
+- ``trainer``: ``structlin_lab.train.Trainer`` with ``augment=false, mixup=0, label_smoothing=0``.
 - ``trainer+aug``: the same with ``augment=true, mixup=0.8, label_smoothing=0.3`` (the §5.1
   recipe: on-device random resized crop, flip, mixup and label smoothing).
 
@@ -46,15 +46,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import structlin.data.cifar as cifar_module
+import structlin_lab.data.cifar as cifar_module
 from structlin import mup
-from structlin.bench import cpu_model
-from structlin.models import MLP
-from structlin.train import Trainer, load_config
-from structlin.train.build import CIFAR_MEAN, CIFAR_STD
-from structlin.train.schedule import lr_factor
-from structlin.utils.io import atomic_write_text
-from structlin.utils.malloc import tune_malloc
+from structlin.io import atomic_write_text
+from structlin_lab.bench import cpu_model
+from structlin_lab.malloc import tune_malloc
+from structlin_lab.models import MLP
+from structlin_lab.train import Trainer, load_config
+from structlin_lab.train.build import CIFAR_MEAN, CIFAR_STD
+from structlin_lab.train.schedule import lr_factor
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SOURCE = HERE.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"

@@ -37,7 +37,7 @@ if stage tune; then
     --set "${SETS[@]}"
 fi
 LR=${LR:-$("${PYTHON:-python3}" - <<'PY'
-from structlin.scaling.results import collect_runs
+from structlin_lab.scaling.results import collect_runs
 rows = [r for r in collect_runs(["runs/gpt2_austen_lr_tune"])
         if r["status"] == "finished" and r["final_test_loss"] is not None]
 if not rows:

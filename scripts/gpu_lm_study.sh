@@ -9,7 +9,7 @@
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 STRUCTLIN="python3 -m structlin.cli"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 STRUCTLIN="python3 -m structlin_lab.cli"
 export JOBS=${JOBS:-6} T_TUNE=${T_TUNE:-100} T_SCALING=${T_SCALING:-200} T_WN=${T_WN:-110}
 pack() {
   tar czf "$OUT/gpt2_runs.tgz" --exclude=checkpoints runs/gpt2_austen_* 2>/dev/null

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from structlin import make_linear
-from structlin.scaling import (
+from structlin_lab.scaling import (
     collect_runs,
     compute_frontier,
     compute_multipliers,
@@ -34,7 +34,7 @@ from structlin.scaling import (
     read_metrics,
     write_table,
 )
-from structlin.scaling.plots import _pyplot, _save, plot_lr_landscape, plot_scaling
+from structlin_lab.scaling.plots import _pyplot, _save, plot_lr_landscape, plot_scaling
 
 STUDIES = {"lr_tune": "cifar10_mlp_lr_tune", "scaling": "cifar10_mlp_scaling"}
 STUDIES["lr_landscape"] = "cifar10_mlp_lr_landscape"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from structlin.scaling import (
+from structlin_lab.scaling import (
     collect_runs,
     compute_multipliers,
     fit_by_structure,
@@ -31,9 +31,9 @@ from structlin.scaling import (
     read_metrics,
     write_table,
 )
-from structlin.scaling.plots import plot_curves, plot_scaling
-from structlin.train import load_config
-from structlin.train.build import build_model, shapes_only
+from structlin_lab.scaling.plots import plot_curves, plot_scaling
+from structlin_lab.train import load_config
+from structlin_lab.train.build import build_model, shapes_only
 
 
 def nonemb_macs_per_token(run_dir: Path) -> int:

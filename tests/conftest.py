@@ -43,7 +43,7 @@ def fake_cifar(tmp_path_factory):
 @pytest.fixture
 def tiny_config(fake_cifar, tmp_path):
     """``tiny_config(*overrides)``: a 12-step MLP training config on ``fake_cifar``."""
-    from structlin.train import load_config
+    from structlin_lab.train import load_config
 
     def make(*extra):
         return load_config(

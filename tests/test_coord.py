@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from structlin.coord import coord_check, default_record_modules, fit_slopes, save_csv
-from structlin.experiments.coord_mlp import run_coord_check_mlp
-from structlin.models import MLP
+from structlin_lab.experiments.coord_mlp import run_coord_check_mlp
+from structlin_lab.models import MLP
 
 
 def _stream(n_in=48, n_cls=5, batch=32, seed=0):

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from structlin import mup
-from structlin.models import MLP
 from structlin.surgery import structurize
+from structlin_lab.models import MLP
 
 
 def mlp(width, structure=None, meta=True, **kw):

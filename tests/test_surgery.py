@@ -6,8 +6,8 @@ from torch import nn
 
 import structlin as sl
 from structlin.layers import BTTLinear, LowRankLinear
-from structlin.models import MLP
 from structlin.surgery import structurize
+from structlin_lab.models import MLP
 
 
 def small_mlp(width=32, depth=2, bias=True):

@@ -4,7 +4,7 @@ Replace dense ``nn.Linear`` layers with low-rank, Kronecker, tensor-train, Monar
 Tensor-Train or block-diagonal matrices that spend far less compute per unit of width.
 """
 
-from . import mup
+from . import mup, options
 from .coord import coord_check
 from .layers import (
     BlockDiagLinear,
@@ -23,7 +23,9 @@ from .layers import (
     mup_init_std,
     parse_spec,
     register_structure,
+    structure_options,
 )
+from .linear_like import is_conv1d, is_linear_like, linear_dims
 from .surgery import structurize
 
 __version__ = "0.1.0"
@@ -42,11 +44,16 @@ __all__ = [
     "balanced_factors",
     "coord_check",
     "get_structure",
+    "is_conv1d",
+    "is_linear_like",
+    "linear_dims",
     "list_structures",
     "make_linear",
     "mup",
     "mup_init_std",
+    "options",
     "parse_spec",
     "register_structure",
+    "structure_options",
     "structurize",
 ]

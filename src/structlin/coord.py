@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import mup
-from .surgery import is_linear_like
-from .utils.io import atomic_write, atomic_write_text
+from .io import atomic_write, atomic_write_text
+from .linear_like import is_linear_like
 
 __all__ = ["coord_check", "default_record_modules", "fit_slopes", "plot_coord_check", "save_csv"]
 

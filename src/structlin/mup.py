@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .layers import StructuredLinear, mup_init_std
-from .surgery import is_linear_like, linear_dims
+from .linear_like import is_linear_like, linear_dims
 
 __all__ = ["ParamInfo", "base_shapes", "describe", "param_groups", "param_info"]
 

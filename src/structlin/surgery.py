@@ -27,30 +27,12 @@ import torch
 from torch import nn
 
 from .layers import StructuredLinear, get_structure, make_linear, parse_spec, structure_options
+from .linear_like import is_conv1d, is_linear_like, linear_dims
+from .options import check_options
 
-__all__ = ["SurgeryReport", "SurgeryRow", "is_linear_like", "linear_dims", "structurize"]
+__all__ = ["SurgeryReport", "SurgeryRow", "structurize"]
 
 Pattern = str | Iterable[str]
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' GPT-2 Conv1D: y = x @ weight + bias, weight (in, out). Detected by duck typing
-    # so that transformers stays an optional dependency.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Linear``, a transformers ``Conv1D`` or a structured layer."""
-    return isinstance(module, (nn.Linear, StructuredLinear)) or _is_conv1d(module)
-
-
-def linear_dims(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a linear-like module."""
-    if isinstance(module, (nn.Linear, StructuredLinear)):
-        return module.in_features, module.out_features
-    if _is_conv1d(module):
-        return int(module.weight.shape[0]), int(module.nf)
-    raise TypeError(f"{type(module).__name__} is not a linear layer")
 
 
 @dataclass
@@ -167,7 +149,7 @@ def _output_head(model: nn.Module, names: list[str]) -> str | None:
 def _refusal(name: str, module: nn.Module, parent: nn.Module, shared: set[int]) -> str | None:
     if isinstance(parent, nn.MultiheadAttention):
         return "refused: nn.MultiheadAttention reads its out_proj weight directly"
-    if not (type(module) is nn.Linear or _is_conv1d(module)):
+    if not (type(module) is nn.Linear or is_conv1d(module)):
         return (
             f"refused: {type(module).__name__} is a subclass of nn.Linear that may rely on its "
             f"weight; exclude it or replace it by hand"
@@ -393,14 +375,9 @@ def structurize(
 def _check_options(
     cls: type[StructuredLinear], options: Mapping[str, Any], where: str = ""
 ) -> None:
-    valid = structure_options(cls)
-    unknown = sorted(set(options) - set(valid) - {"device", "dtype"})
-    if unknown:
-        at = f" (override {where!r})" if where else ""
-        raise ValueError(
-            f"structurize: unknown option(s) {unknown} for structure {cls.structure!r}{at}; "
-            f"valid options are: {', '.join(valid)}"
-        )
+    at = f" (override {where!r})" if where else ""
+    names = set(options) - {"device", "dtype"}
+    check_options(f"structurize: structure {cls.structure!r}{at}", names, structure_options(cls))
 
 
 def _param_count(module: nn.Module) -> int:
@@ -424,7 +401,7 @@ def _build(
     new = make_linear(
         spec, d_in, d_out, bias=bias is not None, device=weight.device, dtype=weight.dtype, **opts
     )
-    dense_w = weight.T if _is_conv1d(module) else weight
+    dense_w = weight.T if is_conv1d(module) else weight
     if init == "from_dense":
         if weight.is_meta:
             raise ValueError(

@@ -176,7 +176,7 @@ def test_flop_counting_sees_the_torch_ops(kernel_available):
     path runs and the count equals the analytic one."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from structlin.train.build import forward_macs
+    from structlin_lab.train.build import forward_macs
 
     layer = make_linear("btt", 1024, 1024, rank=1)
     x = torch.randn(4, 1024)

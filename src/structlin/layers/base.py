@@ -22,11 +22,13 @@ Conventions shared by all structures:
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..options import check_positive_int
 
 __all__ = ["NORMS", "Factor", "StructuredLinear", "mup_init_std"]
 
@@ -69,12 +71,6 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except RuntimeError:  # device types without autocast support, e.g. "meta"
         return False
-
-
-def _check_positive_int(owner: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
-    return value
 
 
 class StructuredLinear(nn.Module):
@@ -127,8 +123,8 @@ class StructuredLinear(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        self.in_features = _check_positive_int(owner, "in_features", in_features)
-        self.out_features = _check_positive_int(owner, "out_features", out_features)
+        self.in_features = check_positive_int(owner, "in_features", in_features)
+        self.out_features = check_positive_int(owner, "out_features", out_features)
         self.in_padded = in_features
         self.out_padded = out_features
         if dtype is not None and not dtype.is_floating_point:
@@ -191,7 +187,7 @@ class StructuredLinear(nn.Module):
         from .factorize import plan_factors
 
         name = self._name()
-        cores = _check_positive_int(name, "cores", cores)
+        cores = check_positive_int(name, "cores", cores)
         if cores < 2:
             raise ValueError(f"{name}: cores must be at least 2, got {cores}")
         plans = [

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import StructuredLinear, _check_positive_int
+from ..options import check_positive_int
+from .base import StructuredLinear
 from .registry import register_structure
 
 __all__ = ["BlockDiagLinear"]
@@ -38,7 +39,7 @@ class BlockDiagLinear(StructuredLinear):
         **kwargs: Any,
     ) -> None:
         super().__init__(in_features, out_features, bias, **kwargs)
-        blocks = _check_positive_int(self._name(), "blocks", blocks)
+        blocks = check_positive_int(self._name(), "blocks", blocks)
         if blocks > min(in_features, out_features):
             raise ValueError(
                 f"{self._name()}: blocks must be at most min(in_features, out_features) = "

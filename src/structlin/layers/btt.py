@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..kernels.btt import btt2_matmul, btt_chain_matmul
-from .base import StructuredLinear, _check_positive_int
+from ..options import check_positive_int
+from .base import StructuredLinear
 from .factorize import DEFAULT_PAD_TOLERANCE
 from .registry import register_structure
 
@@ -66,7 +67,7 @@ class BTTLinear(StructuredLinear):
     ) -> None:
         super().__init__(in_features, out_features, bias, **kwargs)
         name = self._name()
-        rank = _check_positive_int(name, "rank", rank)
+        rank = check_positive_int(name, "rank", rank)
         cores = self._plan_widths(cores, in_factors, out_factors, pad_tolerance)
         ms, ns = self._ms, self.out_factors
         cap = max(min(math.prod(ms[: t + 1]), math.prod(ns[t + 1 :])) for t in range(cores - 1))

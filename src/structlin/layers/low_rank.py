@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import StructuredLinear, _check_positive_int
+from ..options import check_positive_int
+from .base import StructuredLinear
 from .registry import register_structure
 
 __all__ = ["LowRankLinear"]
@@ -41,7 +42,7 @@ class LowRankLinear(StructuredLinear):
         full = min(in_features, out_features)
         if rank is None:
             rank = math.ceil(math.sqrt(full))
-        rank = _check_positive_int(self._name(), "rank", rank)
+        rank = check_positive_int(self._name(), "rank", rank)
         if rank > full:
             raise ValueError(
                 f"{self._name()}: rank must be at most min(in_features, out_features) = {full}, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .base import _check_positive_int
+from ..options import check_positive_int
 from .btt import BTTLinear
 from .registry import register_structure
 
@@ -43,9 +43,9 @@ class MonarchLinear(BTTLinear):
         **kwargs: Any,
     ) -> None:
         name = f"{type(self).__name__}(in_features={in_features}, out_features={out_features})"
-        _check_positive_int(name, "in_features", in_features)
-        _check_positive_int(name, "out_features", out_features)
-        b = _check_positive_int(name, "blocks", blocks)
+        check_positive_int(name, "in_features", in_features)
+        check_positive_int(name, "out_features", out_features)
+        b = check_positive_int(name, "blocks", blocks)
         if b > min(in_features, out_features):
             raise ValueError(
                 f"{name}: blocks must be at most min(in_features, out_features) = "

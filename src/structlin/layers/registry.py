@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ..options import check_options
 from .base import StructuredLinear
 
 __all__ = [
@@ -157,10 +158,5 @@ def make_linear(
     options.update(kwargs)
     valid = structure_options(cls)
     factory = {k: options.pop(k) for k in ("device", "dtype") if k in options}
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for structure {cls.structure or cls.__name__!r}; "
-            f"valid options are: {', '.join(valid) if valid else '(none)'}"
-        )
+    check_options(f"structure {cls.structure or cls.__name__!r}", options, valid)
     return cls(in_features, out_features, bias, **factory, **options)

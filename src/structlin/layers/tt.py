@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import StructuredLinear, _check_positive_int
+from ..options import check_positive_int
+from .base import StructuredLinear
 from .factorize import DEFAULT_PAD_TOLERANCE
 from .registry import register_structure
 
@@ -75,7 +76,7 @@ class TTLinear(StructuredLinear):
         if rank is None:
             rank = self._default_rank
         else:
-            rank = _check_positive_int(self._name(), "rank", rank)
+            rank = check_positive_int(self._name(), "rank", rank)
             if rank > max(caps):
                 raise ValueError(
                     f"{self._name()}: rank {rank} exceeds the largest useful TT rank "

@@ -1,1 +1,0 @@
-"""Small helpers that do not belong to one structure."""

@@ -1,0 +1,429 @@
+"""The ``structlin`` command line (also ``python -m structlin_lab``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from structlin import __version__, get_structure, list_structures, make_linear, structure_options
+
+__all__ = ["main"]
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .models import list_models
+
+    print(f"structlin {__version__}")
+    print("structures:")
+    for name in list_structures():
+        opts = ", ".join(structure_options(get_structure(name))) or "-"
+        print(f"  {name:<11} options: {opts}")
+    print(f"models: {', '.join(list_models())}")
+    if args.layer:
+        spec, d_in, d_out = args.layer
+        print(make_linear(spec, int(d_in), int(d_out)))
+    if args.config:
+        import torch
+
+        from structlin import structurize
+
+        from .train.build import model_at_width, shapes_only
+
+        cfg = _info_config(args)
+        bundle = shapes_only(cfg, vocab=args.vocab if cfg.task == "lm" else None)
+        with torch.device("meta"):
+            model = model_at_width(cfg, cfg.model.width, bundle)
+        s = cfg.structure
+        spec = s.spec if s.spec != "dense" else "dense"
+        report = structurize(
+            model,
+            spec,
+            target_modules=s.target_modules,
+            exclude_modules=s.exclude_modules,
+            overrides=s.overrides,
+            dry_run=True,
+        )
+        print(
+            f"model {cfg.model.name} width {cfg.model.width} depth {cfg.model.depth}, "
+            f"structure {s.spec} (dry run):"
+        )
+        print(report)
+    return 0
+
+
+def _info_config(args: argparse.Namespace):
+    from .train import load_config
+
+    sets = list(args.set or [])
+    if not any(x.startswith(("train.steps=", "train.epochs=")) for x in sets):
+        import yaml
+
+        raw = yaml.safe_load(open(args.config).read()) or {}
+        train = raw.get("train", {}) or {}
+        if train.get("steps") is None and train.get("epochs") is None:
+            sets.append("train.steps=1")
+    return load_config(args.config, sets)
+
+
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    name = args.name
+    if name in ("cifar10", "cifar100"):
+        from .data import load_cifar
+
+        arrays = load_cifar(name, args.root, source=args.source, download=True)
+        print(f"{name}: {len(arrays.train_x)} train / {len(arrays.test_x)} test images cached")
+    elif name == "fashion_mnist":
+        from .data import load_fashion_mnist
+
+        arrays = load_fashion_mnist(args.root, source=args.source, download=True)
+        print(f"{name}: {len(arrays.train_x)} train / {len(arrays.test_x)} test images cached")
+    elif name == "text":
+        from .data import prepare_text
+
+        if not args.source:
+            raise ValueError("data fetch text needs --source PATH to a UTF-8 text file or .gz")
+        data = prepare_text(
+            args.source,
+            tokenizer=args.tokenizer,
+            tokenizer_file=args.tokenizer_file,
+            cache_dir=args.root,
+        )
+        print(
+            f"text: {len(data.train)} train / {len(data.val)} val tokens, "
+            f"vocabulary {data.vocab_size}"
+        )
+    else:
+        raise ValueError(
+            f"unknown data set {name!r}; valid: cifar10, cifar100, fashion_mnist, text"
+        )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .experiments.demo import run_demo
+
+    run_demo(
+        data=args.data,
+        source=args.source,
+        root=args.root,
+        dense_width=args.width,
+        structure=args.structure,
+        epochs=args.epochs,
+        out_dir=args.out,
+    )
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
+def _cmd_coord_check(args: argparse.Namespace) -> int:
+    from .data import load_cifar
+    from .experiments.coord_mlp import run_coord_check_mlp
+
+    data = load_cifar("cifar10", args.cache, source=args.data, download=args.download)
+    structures = [s for s in args.structures.split(";") if s.strip()]
+    run_coord_check_mlp(
+        data.train_x,
+        data.train_y,
+        data.test_x[: args.eval_size],
+        structures=structures,
+        widths=args.widths,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        base_width=args.base_width,
+        depth=args.depth,
+        seed=args.seed,
+        out_dir=args.out,
+    )
+    print(f"wrote {args.out}/records.csv, fits.json and coord_check.png/pdf")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import Trainer, load_config
+
+    config = load_config(args.config, args.set)
+    if not args.no_tune_malloc:
+        from .malloc import tune_malloc
+
+        tune_malloc()
+    out = args.out or f"runs/{config.name}"
+    trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
+    result = trainer.fit()
+    print(json.dumps(result))
+    return 0 if result.get("status") in ("finished", "interrupted") else 1
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .scaling.sweep import dry_run, load_sweep, run_sweep, select, submit_slurm
+
+    sweep = load_sweep(args.spec, extra_set=args.set)
+    if args.only:
+        sweep = select(sweep, args.only)
+    print(dry_run(sweep))
+    if args.dry_run:
+        return 0
+    if args.slurm:
+        jobs = submit_slurm(sweep, partition=args.partition, timeout_min=args.timeout_min)
+        print(f"submitted {len(jobs)} job(s) to SLURM")
+        return 0
+    results = run_sweep(
+        sweep, jobs=args.jobs, threads_per_job=args.threads, tune_malloc=not args.no_tune_malloc
+    )
+    return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from .scaling.results import collect_runs, format_table, write_table
+
+    rows = collect_runs(args.dirs)
+    print(format_table(rows))
+    if args.csv or args.json:
+        write_table(rows, args.csv, args.json)
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from .scaling.fit import compute_multipliers, fit_by_structure
+    from .scaling.results import collect_runs
+
+    rows = collect_runs(args.dirs)
+    fits = fit_by_structure(rows, x=args.x, y=args.y, irreducible=args.irreducible, by=args.by)
+    if not fits:
+        raise ValueError("no structure has 3 or more finished widths to fit")
+    print(f"{'structure':<20}{'exponent b':>12}{'± se':>8}{'a':>12}{'e0':>8}{'R^2':>7}{'n':>4}")
+    for name, f in fits.items():
+        print(
+            f"{name:<20}{f.b:>12.4f}{f.b_stderr:>8.4f}{f.a:>12.4g}{f.e0:>8.4f}{f.r2:>7.3f}{f.n:>4}"
+        )
+    if args.reference in fits:
+        at, mults = compute_multipliers(
+            rows,
+            args.reference,
+            x=args.x,
+            y=args.y,
+            by=args.by,
+            at_error=args.at_error,
+            irreducible=args.irreducible,
+            n_boot=args.n_boot,
+        )
+        for name, (est, lo, hi) in mults.items():
+            print(
+                f"compute multiplier of {name} vs {args.reference} at error {at:.4f}: "
+                f"{est:.2f}x (95% bootstrap {lo:.2f}-{hi:.2f})"
+            )
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .scaling.plots import plot_from_dirs
+
+    kwargs: dict = {}
+    if args.y is not None:
+        kwargs["y"] = args.y
+    if args.kind == "scaling":
+        kwargs.update(x=args.x, by=args.by)
+    elif args.by != "structure" or args.x != "train_macs":
+        raise ValueError("--x and --by apply to --kind scaling only")
+    for path in plot_from_dirs(args.dirs, args.out, kind=args.kind, **kwargs):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_tune_malloc_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-tune-malloc",
+        action="store_true",
+        help="keep glibc's default allocator, which unmaps and re-faults large activations "
+        "every step (by default the CLI keeps freed memory for reuse: structlin_lab.malloc)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="structlin", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"structlin {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", nargs="?", help="YAML config (see configs/); defaults if omitted")
+    train.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. --set optim.lr=1e-3 model.width=256",
+    )
+    train.add_argument("--out", help="run directory (default runs/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="restart in an existing directory")
+    _add_tune_malloc_flag(train)
+    train.set_defaults(func=_cmd_train)
+
+    sw = sub.add_parser("sweep", help="run (or submit) a grid of training runs from a spec")
+    sw.add_argument("spec", help="sweep YAML, e.g. configs/sweeps/cifar10_mlp_scaling-cpu.yaml")
+    sw.add_argument("--dry-run", action="store_true", help="list runs with params/FLOPs only")
+    sw.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides added to every run, e.g. data.source=/data/cifar-10-python.tar.gz",
+    )
+    sw.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="run only the runs whose names match a shell-style pattern, e.g. '*_lr3e-02_s0'",
+    )
+    sw.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine")
+    sw.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    sw.add_argument("--slurm", action="store_true", help="submit a SLURM job array (submitit)")
+    sw.add_argument("--partition", default=None)
+    sw.add_argument("--timeout-min", type=int, default=1440)
+    _add_tune_malloc_flag(sw)
+    sw.set_defaults(func=_cmd_sweep)
+
+    res = sub.add_parser("results", help="collect training runs into one table")
+    res.add_argument("dirs", nargs="+")
+    res.add_argument("--csv", help="write the table as CSV")
+    res.add_argument("--json", help="write the table as JSON")
+    res.set_defaults(func=_cmd_results)
+
+    fit = sub.add_parser("fit", help="power-law fits of error vs compute per structure")
+    fit.add_argument("dirs", nargs="+")
+    fit.add_argument("--x", default="train_macs", help="compute column (default train_macs)")
+    fit.add_argument("--y", default="final_test_error", help="error column")
+    fit.add_argument("--irreducible", action="store_true", help="fit e0 + a*C^-b")
+    fit.add_argument("--reference", default="dense", help="structure for compute multipliers")
+    fit.add_argument(
+        "--at-error",
+        type=float,
+        default=None,
+        help="error level for the multiplier (default: the reference fit at its largest compute)",
+    )
+    fit.add_argument("--n-boot", type=int, default=1000)
+    fit.add_argument(
+        "--by",
+        default="structure",
+        choices=["structure", "group"],
+        help="what a curve is: the structure spec, or the sweep entry (run-name prefix)",
+    )
+    fit.set_defaults(func=_cmd_fit)
+
+    plot = sub.add_parser("plot", help="paper-style figures (PNG and PDF) from training runs")
+    plot.add_argument("dirs", nargs="+")
+    plot.add_argument(
+        "--kind",
+        default="scaling",
+        choices=["scaling", "lr"],
+        help="error vs compute with fits, or error vs LR per width",
+    )
+    plot.add_argument("--out", default="figures")
+    plot.add_argument("--x", default="train_macs", help="compute column (scaling plots)")
+    plot.add_argument(
+        "--y",
+        default=None,
+        help="error/loss column (default: final_test_error for scaling, final_train_error for lr)",
+    )
+    plot.add_argument(
+        "--by",
+        default="structure",
+        choices=["structure", "group"],
+        help="one curve per structure spec, or per sweep entry (scaling plots)",
+    )
+    plot.set_defaults(func=_cmd_plot)
+
+    info = sub.add_parser("info", help="list structures and their options")
+    info.add_argument(
+        "--layer",
+        nargs=3,
+        metavar=("SPEC", "D_IN", "D_OUT"),
+        help="also build one layer and print it, e.g. --layer btt:rank=2 768 3072",
+    )
+    info.add_argument("--config", help="also print the structurize report of a training config")
+    info.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for --config"
+    )
+    info.add_argument("--vocab", type=int, default=50257, help="vocabulary size for lm configs")
+    info.set_defaults(func=_cmd_info)
+
+    data = sub.add_parser("data", help="download / cache data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser("fetch", help="fetch and cache a data set")
+    fetch.add_argument("name", help="cifar10, cifar100, fashion_mnist or text")
+    fetch.add_argument("--source", help="local copy (archive, folder or text file)")
+    fetch.add_argument(
+        "--root", help="cache directory (default $STRUCTLIN_DATA or ~/.cache/structlin)"
+    )
+    fetch.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char"])
+    fetch.add_argument("--tokenizer-file", help="local gpt2.tiktoken ranks file")
+    fetch.set_defaults(func=_cmd_data_fetch)
+
+    demo = sub.add_parser(
+        "demo", help="train the paper's MLP dense vs BTT at matched compute (a few CPU minutes)"
+    )
+    demo.add_argument(
+        "--data", default="fashion_mnist", choices=["fashion_mnist", "cifar10", "cifar100"]
+    )
+    demo.add_argument("--source", help="local copy of the data set (else download/cache)")
+    demo.add_argument("--root", help="cache directory")
+    demo.add_argument("--width", type=int, default=256, help="dense width (BTT width is matched)")
+    demo.add_argument("--structure", default="btt")
+    demo.add_argument("--epochs", type=float, default=2.0)
+    demo.add_argument("--out", default="demo_out")
+    demo.set_defaults(func=_cmd_demo)
+
+    from .bench import build_parser as bench_parser
+
+    bench = sub.add_parser("bench", help="forward+backward time of each structure vs nn.Linear")
+    bench_parser(bench)
+    bench.set_defaults(func=_cmd_bench)
+
+    from .experiments.coord_mlp import DEFAULT_STRUCTURES
+
+    cc = sub.add_parser(
+        "coord-check",
+        help="Δh vs width of the CIFAR-10 MLP, structure-aware vs naive LR (paper Fig. 2a)",
+    )
+    cc.add_argument("--data", help="CIFAR-10 source: official archive/folder or image-folder tar")
+    cc.add_argument("--download", action="store_true", help="download CIFAR-10 if not cached")
+    cc.add_argument(
+        "--cache", help="cache directory (default $STRUCTLIN_DATA or ~/.cache/structlin)"
+    )
+    cc.add_argument(
+        "--structures",
+        default=";".join(DEFAULT_STRUCTURES),
+        help="';'-separated structure specs (default: %(default)s)",
+    )
+    cc.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
+    cc.add_argument("--steps", type=int, default=40)
+    cc.add_argument("--batch-size", type=int, default=512)
+    cc.add_argument("--lr", type=float, default=3e-3)
+    cc.add_argument("--base-width", type=int, default=64)
+    cc.add_argument("--depth", type=int, default=2)
+    cc.add_argument("--eval-size", type=int, default=512)
+    cc.add_argument("--seed", type=int, default=0)
+    cc.add_argument("--out", default="coord_check")
+    cc.set_defaults(func=_cmd_coord_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"structlin: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,496 @@
+"""The training loop: μP optimizer, per-step schedule, evaluation, JSONL metrics, exact resume.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object
+per evaluation) and ``checkpoints/last.pt``; with ``train.tensorboard: true`` also ``tensorboard/``,
+where every metrics row's numeric values are written as TensorBoard scalars (needs
+``pip install 'structlin[tensorboard]'``). Checkpoints carry the model, optimizer, scheduler,
+global RNG states, the data loader's position and the running training statistics, so that
+``resume=True`` continues the same trajectory: on CPU in float32 an interrupted and resumed run
+ends with the same metrics as an uninterrupted one.
+
+Distributed data parallel: launch the same command under ``torchrun --nproc-per-node N``. Each
+process trains on its shard of every global batch (``data.batch_size`` is the global batch and
+must divide by N), gradients are averaged by DDP, and only rank 0 logs, writes metrics and
+checkpoints (the checkpoint carries every rank's data position).
+
+Compute is reported as training MACs so far: ``3 x forward MACs per example x examples seen``
+(forward plus the two backward products; MACs counted by ``FlopCounterMode`` on one example,
+the same convention as ``StructuredLinear.flops``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from structlin.io import atomic_write_text
+
+from .build import build_data, build_model, build_optimizer, forward_macs, seed_everything
+from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .config import Config, config_hash
+from .monitor import factor_rms_stats
+from .schedule import lr_factor
+
+__all__ = ["Trainer", "TrainingDiverged"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank >= 0:
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def _init_distributed() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's environment; (0, 1, -1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, -1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class Trainer:
+    """Train one :class:`Config` into ``out_dir``.
+
+    Args:
+        config: the experiment.
+        out_dir: run directory. It must not exist (or be empty) unless ``resume`` or
+            ``overwrite`` is set.
+        resume: continue from ``out_dir/checkpoints/last.pt``; the config must match the one
+            the run was started with (apart from evaluation and logging settings).
+        overwrite: start afresh in an existing directory (its metrics are replaced).
+        log: where progress lines go (``print`` by default; ``None`` silences them).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        log: Callable[[str], None] | None = print,
+    ) -> None:
+        self.cfg = config
+        self.out = Path(out_dir)
+        self.ckpt_path = self.out / "checkpoints" / "last.pt"
+        self.rank, self.world_size, local_rank = _init_distributed()
+        self.is_main = self.rank == 0
+        self.log = (log or (lambda _msg: None)) if self.is_main else (lambda _msg: None)
+        self.resume = resume
+        self._check_run_dir(overwrite)
+        # Checked on every rank, so that a missing package fails all processes alike.
+        self._summary_writer_cls = _summary_writer_class() if config.train.tensorboard else None
+        self._tb = None
+        self.device = _resolve_device(config.train.device, local_rank)
+        seed_everything(config.train.seed)
+        self.data = build_data(config, self.device, self.rank, self.world_size)
+        self.model, self.base = build_model(config, self.data, self.device)
+        self.optimizer = build_optimizer(config, self.model, self.base)
+        self.total_steps = self._total_steps()
+        o = config.optim
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(o.schedule, self.total_steps, o.warmup_steps, o.min_lr_ratio)
+        )
+        self.forward = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids)
+        if config.train.compile:
+            self.forward = torch.compile(self.forward)
+        self.macs_per_example = forward_macs(self.model, self._example())
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.step = 0
+        self.samples = 0
+        self.wall_time = 0.0  # seconds in the training loop, summed over resumes
+        self._running = {"loss": 0.0, "acc": 0.0, "n": 0}
+        self._stop_signal: int | None = None
+        if self.data.kind == "text":
+            self._gen = torch.Generator().manual_seed(config.train.seed + self.rank)
+
+    # ------------------------------------------------------------------ set-up
+    def _check_run_dir(self, overwrite: bool) -> None:
+        exists = self.out.exists() and any(self.out.iterdir())
+        if self.resume:
+            if not self.ckpt_path.is_file():
+                raise FileNotFoundError(f"cannot resume: no checkpoint at {self.ckpt_path}")
+            saved = self.out / "config.yaml"
+            if saved.is_file():
+                import yaml
+
+                old = Config.from_dict(yaml.safe_load(saved.read_text()))
+                if config_hash(old) != config_hash(self.cfg):
+                    raise ValueError(
+                        f"cannot resume {self.out}: it was started with a different config "
+                        f"(compare {saved}); start a new run directory or pass the same config"
+                    )
+            return
+        if exists and not overwrite:
+            raise FileExistsError(
+                f"run directory {self.out} already exists and is not empty; pass --resume to "
+                f"continue it or --overwrite to start again"
+            )
+        if exists and overwrite:
+            for name in ("metrics.jsonl",):
+                (self.out / name).unlink(missing_ok=True)
+            self.ckpt_path.unlink(missing_ok=True)
+            if self.is_main:
+                shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        if t.steps is not None:
+            return int(t.steps)
+        return max(1, math.ceil(float(t.epochs) * self.data.steps_per_epoch))
+
+    def _example(self) -> torch.Tensor:
+        if self.data.kind == "text":
+            return torch.zeros(1, self.cfg.data.block_size, dtype=torch.long, device=self.device)
+        return torch.zeros(1, *self.data.image_shape, device=self.device)
+
+    def _autocast(self):
+        mode = self.cfg.train.autocast
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    # ------------------------------------------------------------------ batches
+    def _train_batches(self):
+        if self.data.kind == "text":
+            from ..data.text import get_batch
+
+            while True:
+                x, y = get_batch(
+                    self.data.train,
+                    self.cfg.data.batch_size,
+                    self.cfg.data.block_size,
+                    self._gen,
+                    device=self.device,
+                )
+                yield x, y, None
+        else:
+            while True:
+                for b in self.data.train:
+                    yield b.x, b.targets, b
+
+    def _loss_and_acc(self, x, targets, batch) -> tuple[torch.Tensor, float]:
+        with self._autocast():
+            if self.data.kind == "text":
+                logits, _ = self.forward(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                acc = (logits.argmax(-1) == targets).float().mean().item()
+                return loss, acc
+            logits = self.forward(x).float()
+        loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        with torch.no_grad():
+            pred = logits.argmax(-1)
+            acc_a = (pred == batch.y_a).float().mean()
+            acc_b = (pred == batch.y_b).float().mean()
+            acc = torch.maximum(acc_a, acc_b).item()  # the paper's mixup-aware accuracy
+        return loss, acc
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        total_loss, total_correct, count = 0.0, 0.0, 0
+        try:
+            if self.data.kind == "text":
+                from ..data.text import get_batch
+
+                gen = torch.Generator().manual_seed(12345)  # the same eval batches every time
+                for _ in range(self.cfg.data.eval_batches):
+                    x, y = get_batch(
+                        self.data.test,
+                        self.cfg.data.batch_size,
+                        self.cfg.data.block_size,
+                        gen,
+                        device=self.device,
+                    )
+                    with self._autocast():
+                        logits, _ = self.forward(x)
+                    logits = logits.float()
+                    total_loss += F.cross_entropy(
+                        logits.flatten(0, 1), y.flatten(), reduction="sum"
+                    ).item()
+                    total_correct += (logits.argmax(-1) == y).sum().item()
+                    count += y.numel()
+            else:
+                for b in self.data.test:
+                    with self._autocast():
+                        logits = self.forward(b.x)
+                    logits = logits.float()
+                    total_loss += F.cross_entropy(logits, b.labels, reduction="sum").item()
+                    total_correct += (logits.argmax(-1) == b.labels).sum().item()
+                    count += b.labels.numel()
+        finally:
+            self.model.train()
+        return {"test_loss": total_loss / count, "test_acc": total_correct / count}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict[str, Any]:
+        state = {
+            "step": self.step,
+            "samples": self.samples,
+            "wall_time": self.wall_time,
+            "running": dict(self._running),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng(),
+            "config": self.cfg.to_dict(),
+            "config_hash": config_hash(self.cfg),
+        }
+        if self.data.kind == "text":
+            mine = {"generator": self._gen.get_state()}
+        else:
+            mine = self.data.train.state_dict()
+        state["data"] = self._gather(mine)  # one entry per rank
+        return state
+
+    def _gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def save(self) -> Path:
+        """Write the checkpoint (collective under DDP: every rank must call it)."""
+        state = self._state()
+        if self.is_main:
+            save_checkpoint(self.ckpt_path, state)
+        return self.ckpt_path
+
+    def _load(self) -> None:
+        # Load on CPU: RNG states must stay CPU ByteTensors, and load_state_dict moves the
+        # model's and optimizer's tensors to their parameters' device anyway.
+        state = load_checkpoint(self.ckpt_path, map_location="cpu")
+        if state.get("config_hash") != config_hash(self.cfg):
+            raise ValueError(
+                f"cannot resume {self.out}: the checkpoint was written with a different config"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        if len(state["data"]) != self.world_size:
+            raise ValueError(
+                f"cannot resume {self.out}: it was written by {len(state['data'])} process(es), "
+                f"this run has {self.world_size}"
+            )
+        mine = state["data"][self.rank]
+        if self.data.kind == "text":
+            self._gen.set_state(mine["generator"])
+        else:
+            self.data.train.load_state_dict(mine)
+        self.step = state["step"]
+        self.samples = state["samples"]
+        self.wall_time = float(state.get("wall_time", 0.0))
+        self._running = dict(state["running"])
+
+    # ------------------------------------------------------------------ loop
+    def _write_metrics(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                # the step is the x axis; strings (status) and booleans are not scalars
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, global_step=row["step"])
+            self._tb.flush()
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signum
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``total_steps``; returns the last metrics row (with ``status``)."""
+        import yaml
+
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            self._load()
+            self.log(f"resumed {self.out} at step {self.step}/{self.total_steps}")
+        elif self.is_main:
+            text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+            atomic_write_text(self.out / "config.yaml", text)
+        if self._summary_writer_cls is not None and self.is_main:
+            self._tb = self._summary_writer_cls(log_dir=str(self.out / "tensorboard"))
+        handlers = {}
+        if _main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            return self._loop()
+        finally:
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+
+    def _loop(self) -> dict[str, Any]:
+        t = self.cfg.train
+        batches = self._train_batches()
+        bar = _progress(self.total_steps, self.step, enabled=t.progress and self.is_main)
+        last: dict[str, Any] = {"status": "finished", "step": self.step}
+        t_start, samples_start = time.perf_counter(), self.samples
+        wall_start = self.wall_time
+        keep = t.ckpt_every > 0  # 0: no checkpoints (sweeps that never resume)
+        self.model.train()
+        while self.step < self.total_steps:
+            x, targets, batch = next(batches)
+            loss, acc = self._loss_and_acc(x, targets, batch)
+            finite = bool(torch.isfinite(loss))
+            if self.world_size > 1:  # decide together, or a lone rank would hang the others
+                flags = [float(not finite), float(self._stop_signal is not None)]
+                bad, stop = self._all_reduce(flags, "max")
+                finite = bad == 0.0
+                if stop and self._stop_signal is None:
+                    self._stop_signal = signal.SIGTERM
+            if not finite:
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at step {self.step + 1}; stopping. The last "
+                    f"good checkpoint (if any) is {self.ckpt_path}. Lower optim.lr, enable "
+                    f"optim.clip, or try norm='rms_clamp' for structured layers."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.optim.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            self.wall_time = wall_start + time.perf_counter() - t_start
+            n = x.shape[0]
+            self.samples += n * self.world_size
+            self._running["loss"] += loss.item() * n
+            self._running["acc"] += acc * n
+            self._running["n"] += n
+            if bar is not None:
+                bar.update(1)
+            done = self.step == self.total_steps
+            if self.step % t.eval_every == 0 or done:
+                elapsed = time.perf_counter() - t_start
+                last = self._eval_row((self.samples - samples_start) / max(elapsed, 1e-9))
+                self._write_metrics(last)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{last['train_loss']:.3f}", test=f"{last['test_acc']:.3f}"
+                    )
+                else:
+                    self.log(_fmt(last))
+            if keep and (self.step % t.ckpt_every == 0 or done):
+                self.save()
+            if self._stop_signal is not None:
+                if keep:
+                    self.save()
+                    saved = f"saved {self.ckpt_path}"
+                else:
+                    saved = "no checkpoint (train.ckpt_every=0)"
+                self.log(f"signal {self._stop_signal}: {saved} at step {self.step}")
+                last = {**last, "status": "interrupted", "step": self.step}
+                break
+        if bar is not None:
+            bar.close()
+        return last
+
+    def _eval_row(self, samples_per_s: float) -> dict[str, Any]:
+        loss_sum, acc_sum, count = self._all_reduce(
+            [self._running["loss"], self._running["acc"], float(self._running["n"])]
+        )
+        r = {"loss": loss_sum, "acc": acc_sum, "n": count}
+        row = {
+            "step": self.step,
+            "epoch": self.step / max(1, self.data.steps_per_epoch),
+            "lr": self.cfg.optim.lr * self.scheduler.lr_lambdas[0](self.step - 1),
+            "train_loss": r["loss"] / max(1, r["n"]),
+            "train_acc": r["acc"] / max(1, r["n"]),
+            **self.evaluate(),
+            "samples_per_s": samples_per_s,
+            "samples": self.samples,
+            "wall_time_s": self.wall_time,
+            "forward_macs_per_example": self.macs_per_example,
+            "params": self.num_params,
+            "train_macs": 3 * self.macs_per_example * self.samples,
+            **factor_rms_stats(self.model),
+            "status": "running" if self.step < self.total_steps else "finished",
+        }
+        self._running = {"loss": 0.0, "acc": 0.0, "n": 0}
+        return row
+
+
+def _summary_writer_class():
+    """``torch.utils.tensorboard.SummaryWriter``, imported only when TensorBoard logging is on."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError(
+            "train.tensorboard=true needs the tensorboard package, which is not installed: "
+            "pip install 'structlin[tensorboard]' (or set train.tensorboard=false)"
+        ) from e
+    return SummaryWriter
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    import sys
+
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def _fmt(row: dict[str, Any]) -> str:
+    return (
+        f"step {row['step']:>6}  epoch {row['epoch']:.2f}  lr {row['lr']:.2e}  "
+        f"train {row['train_loss']:.4f}/{row['train_acc']:.3f}  "
+        f"test {row['test_loss']:.4f}/{row['test_acc']:.3f}  {row['samples_per_s']:.0f}/s"
+    )

@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from structlin_lab.train.checkpoint import load_checkpoint, save_checkpoint
+from structlin_lab.train.config import Config, apply_overrides, config_hash, load_config
+from structlin_lab.train.schedule import lr_factor
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_overrides_build_typed_config(tmp_path):
+    p = write(tmp_path, "name: x\nmodel: {width: 128}\noptim: {lr: 0.001}\ntrain: {steps: 10}\n")
+    c = load_config(
+        p,
+        ["optim.lr=3e-4", "model.depth=2", "structure.spec=btt:rank=2", "optim.betas=[0.9, 0.95]"],
+    )
+    assert c.model.width == 128 and c.model.depth == 2
+    assert c.optim.lr == pytest.approx(3e-4) and isinstance(c.optim.lr, float)
+    assert c.structure.spec == "btt:rank=2" and c.optim.betas == (0.9, 0.95)
+    assert Config.from_dict(c.to_dict()) == c
+
+
+def test_unknown_keys_suggest_the_closest(tmp_path):
+    p = write(tmp_path, "optim: {lrr: 0.1}\ntrain: {steps: 1}\n")
+    with pytest.raises(ValueError, match=r"unknown config key 'optim.lrr'; did you mean 'lr'"):
+        load_config(p)
+    with pytest.raises(ValueError, match="did you mean 'model'"):
+        load_config(None, ["modle.width=3", "train.steps=1"])
+
+
+def test_type_and_consistency_errors(tmp_path):
+    with pytest.raises(ValueError, match="expects an integer"):
+        load_config(None, ["model.width=wide", "train.steps=1"])
+    with pytest.raises(ValueError, match=r"exactly one of train\.steps and train\.epochs"):
+        load_config(None, [])
+    with pytest.raises(ValueError, match=r"optim\.name"):
+        load_config(None, ["train.steps=1", "optim.name=lion"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides({}, ["nonsense"])
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_config_hash_ignores_logging_but_not_training_keys():
+    a = load_config(None, ["train.steps=10"])
+    b = load_config(None, ["train.steps=10", "train.eval_every=3", "train.progress=false"])
+    c = load_config(None, ["train.steps=10", "optim.lr=1e-2"])
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+def test_schedule_warmup_cosine_and_linear():
+    f = lr_factor("cosine", total_steps=110, warmup_steps=10, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(110) == pytest.approx(0.1)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    g = lr_factor("linear", total_steps=10)
+    assert g(5) == pytest.approx(0.5) and lr_factor("constant", 10)(7) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor("step", 10)
+
+
+def test_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ck" / "last.pt"
+    save_checkpoint(path, {"a": torch.ones(2)})
+
+    def boom(obj, fh):
+        fh.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"a": torch.zeros(2)})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "nope.pt")
