@@ -67,7 +67,7 @@ def table(results: Path, short: str) -> list[dict]:
 
 def xi_of(spec: str, width: int) -> float:
     """Forward MACs per unit width of one width x width layer of this structure."""
-    return make_linear(spec, width, width, device="meta").flops() / width
+    return make_linear(spec, width, width, device="meta").macs() / width
 
 
 def history(run_path: Path) -> tuple[np.ndarray, np.ndarray]:

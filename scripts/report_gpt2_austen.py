@@ -10,7 +10,7 @@ them, the figures (PNG and PDF) into FIGURES_DIR (default docs/figures), and pri
 multipliers and the stability table.
 
 Compute is training MACs (3x forward, the trainer's convention) either in total or without the
-output head ("non-embedding", the paper's x axis for GPT-2): 3 * flops_per_token(non_embedding)
+output head ("non-embedding", the paper's x axis for GPT-2): 3 * macs_per_token(non_embedding)
 * tokens seen.
 """
 
@@ -40,7 +40,7 @@ def nonemb_macs_per_token(run_dir: Path) -> int:
     cfg = load_config(run_dir / "config.yaml")
     with torch.device("meta"):
         model, _ = build_model(cfg, shapes_only(cfg), torch.device("meta"))
-    return model.flops_per_token(non_embedding=True)
+    return model.macs_per_token(non_embedding=True)
 
 
 def collect(study_dir: Path) -> list[dict]:

@@ -37,11 +37,11 @@ def test_report_counts_and_table():
     row = next(r for r in report if r.name == "blocks.0.fc1")
     assert row.params_before == 32 * 128 + 128
     assert row.params_after == 2 * (32 + 128) + 128
-    assert row.flops_before == 32 * 128 and row.flops_after == 2 * (32 + 128)
+    assert row.macs_before == 32 * 128 and row.macs_after == 2 * (32 + 128)
     text = str(report)
     assert "blocks.0.fc1" in text and "low_rank(rank=2)" in text and "replaced" in text
     totals = report.totals()
-    assert totals["layers"] == 5 and totals["flops_after"] < totals["flops_before"]
+    assert totals["layers"] == 5 and totals["macs_after"] < totals["macs_before"]
 
 
 def test_dry_run_changes_nothing_and_reports_the_same():
@@ -51,8 +51,8 @@ def test_dry_run_changes_nothing_and_reports_the_same():
     assert all(type(m) is not BTTLinear for m in model.modules())
     assert model.state_dict().keys() == before.keys()
     real = structurize(model, "btt")
-    assert [(r.name, r.params_after, r.flops_after) for r in dry if r.changed] == [
-        (r.name, r.params_after, r.flops_after) for r in real if r.changed
+    assert [(r.name, r.params_after, r.macs_after) for r in dry if r.changed] == [
+        (r.name, r.params_after, r.macs_after) for r in real if r.changed
     ]
 
 

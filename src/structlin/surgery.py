@@ -44,8 +44,8 @@ class SurgeryRow:
     new: str
     params_before: int
     params_after: int
-    flops_before: int
-    flops_after: int
+    macs_before: int
+    macs_after: int
     status: str  # "replaced", "dry-run", "kept (head)", "already structured", "refused: ..."
 
     @property
@@ -70,12 +70,12 @@ class SurgeryReport(list):
             "layers": len(rows),
             "params_before": sum(r.params_before for r in rows),
             "params_after": sum(r.params_after for r in rows),
-            "flops_before": sum(r.flops_before for r in rows),
-            "flops_after": sum(r.flops_after for r in rows),
+            "macs_before": sum(r.macs_before for r in rows),
+            "macs_after": sum(r.macs_after for r in rows),
         }
 
     def __str__(self) -> str:
-        header = ("module", "old", "new", "params", "params'", "FLOPs", "FLOPs'", "status")
+        header = ("module", "old", "new", "params", "params'", "MACs", "MACs'", "status")
         body = [
             (
                 r.name,
@@ -83,15 +83,15 @@ class SurgeryReport(list):
                 r.new,
                 f"{r.params_before:,}",
                 f"{r.params_after:,}",
-                f"{r.flops_before:,}",
-                f"{r.flops_after:,}",
+                f"{r.macs_before:,}",
+                f"{r.macs_after:,}",
                 r.status,
             )
             for r in self
         ]
         t = self.totals()
         p_ratio = t["params_after"] / t["params_before"] if t["params_before"] else float("nan")
-        f_ratio = t["flops_after"] / t["flops_before"] if t["flops_before"] else float("nan")
+        f_ratio = t["macs_after"] / t["macs_before"] if t["macs_before"] else float("nan")
         widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
@@ -99,7 +99,7 @@ class SurgeryReport(list):
         lines.append(
             f"{t['layers']} layer(s) structured: params {t['params_before']:,} -> "
             f"{t['params_after']:,} ({p_ratio:.3g}x), forward MACs per example "
-            f"{t['flops_before']:,} -> {t['flops_after']:,} ({f_ratio:.3g}x)"
+            f"{t['macs_before']:,} -> {t['macs_after']:,} ({f_ratio:.3g}x)"
         )
         return "\n".join(lines)
 
@@ -270,8 +270,8 @@ def structurize(
                     module.structure,
                     module.num_params,
                     module.num_params,
-                    module.flops(),
-                    module.flops(),
+                    module.macs(),
+                    module.macs(),
                     status,
                 )
             )
@@ -298,7 +298,7 @@ def structurize(
         spec, opts = _resolve_spec(structure, options, ov[1] if ov else None)
         weight = module.weight
         new_desc = "-"
-        new_params = new_flops = 0
+        new_params = new_macs = 0
         if refusal is None:
             try:
                 probe = make_linear(
@@ -311,7 +311,7 @@ def structurize(
                     **opts,
                 )
                 new_desc = _describe_new(probe)
-                new_params, new_flops = probe.num_params, probe.flops()
+                new_params, new_macs = probe.num_params, probe.macs()
             except ValueError as err:
                 refusal = f"refused: {err}"
         if refusal is not None:
@@ -339,7 +339,7 @@ def structurize(
                 _param_count(module),
                 new_params,
                 d_in * d_out,
-                new_flops,
+                new_macs,
                 "dry-run" if dry_run else "replaced",
             )
         )

@@ -10,7 +10,7 @@ round-robin in which every step starts with caches full of another candidate's d
 ``y = layer(x); y.backward(g)`` with fresh gradients, ``x`` requiring grad as it would inside a
 network.
 
-Efficiency of a structure = ``(t_dense / t_struct) / (flops_dense / flops_struct)``: 1.0 means
+Efficiency of a structure = ``(t_dense / t_struct) / (macs_dense / macs_struct)``: 1.0 means
 every FLOP saved is saved time; 0.5 means half of the saving is lost to overheads.
 
 The reference point ``btt_naive`` is a straightforward 2-core BTT: two ``torch.bmm`` calls with
@@ -82,14 +82,14 @@ def _candidates(d: int, ranks: list[int], device: str, dtype: torch.dtype) -> di
     cands: dict[str, tuple] = {"dense": (nn.Linear(d, d, **kw), None, d * d)}
     for r in ranks:
         btt = make_linear("btt", d, d, rank=r, **kw)
-        cands[f"btt:r={r}"] = (btt, r, btt.flops())
-        cands[f"btt_naive:r={r}"] = (NaiveBTT(btt), r, btt.flops())
+        cands[f"btt:r={r}"] = (btt, r, btt.macs())
+        cands[f"btt_naive:r={r}"] = (NaiveBTT(btt), r, btt.macs())
     for b in (4, 16):
         mon = make_linear("monarch", d, d, blocks=b, **kw)
-        cands[f"monarch:b={b}"] = (mon, None, mon.flops())
+        cands[f"monarch:b={b}"] = (mon, None, mon.macs())
     for spec in ("low_rank", "kron", "tt", "block_diag"):
         layer = make_linear(spec, d, d, **kw)
-        cands[spec] = (layer, None, layer.flops())
+        cands[spec] = (layer, None, layer.macs())
     return cands
 
 

@@ -153,7 +153,7 @@ def test_extra_repr(case):
     for f in layer.factors():
         assert f"{f.name}{tuple(f.tensor.shape)}" in text
     assert f"params={layer.num_params / layer.dense_params:.3g}x dense" in text
-    assert f"flops={layer.flops() / layer.dense_flops:.3g}x dense" in text
+    assert f"macs={layer.macs() / layer.dense_macs:.3g}x dense" in text
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

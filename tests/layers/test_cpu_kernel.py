@@ -183,9 +183,9 @@ def test_flop_counting_sees_the_torch_ops(kernel_available):
     assert cpu_jit.kernel_for(x, *layer.cores) is not None
     with FlopCounterMode(display=False) as counter:
         layer(x)
-    assert counter.get_total_flops() == 2 * layer.flops(4)
+    assert counter.get_total_flops() == 2 * layer.macs(4)
     model = torch.nn.Sequential(layer, torch.nn.ReLU(), make_linear("btt", 1024, 256, rank=2))
-    assert forward_macs(model, torch.randn(1, 1024)) == layer.flops() + model[2].flops()
+    assert forward_macs(model, torch.randn(1, 1024)) == layer.macs() + model[2].macs()
 
 
 def test_inconsistent_inputs_take_the_torch_path_and_its_errors(kernel_available):

@@ -152,7 +152,7 @@ def test_btt2_param_count(d_in, d_out, rank):
     (m1, _), (n0, _) = layer.in_factors, layer.out_factors
     expected = rank * (d_in * n0 + d_out * m1)
     assert layer.num_params == expected
-    assert layer.flops() == expected
+    assert layer.macs() == expected
     assert layer.dense_params == d_in * d_out
 
 
@@ -170,16 +170,16 @@ def test_monarch_param_count(d):
     h = b * math.ceil(blk / b)
     assert layer.num_params == b * h * (blk + blk)
     assert layer.num_params == d * d // 2
-    assert layer.flops() == layer.num_params
+    assert layer.macs() == layer.num_params
 
 
 @pytest.mark.parametrize(("d_in", "d_out", "rank"), [(13, 7, 3), (768, 97, 8)])
 def test_low_rank_param_count(d_in, d_out, rank):
     layer = build("low_rank", d_in, d_out, {"rank": rank})
     assert layer.num_params == rank * (d_in + d_out) + d_out
-    assert layer.flops() == rank * (d_in + d_out)
+    assert layer.macs() == rank * (d_in + d_out)
     assert layer.dense_params == d_in * d_out + d_out
-    assert layer.dense_flops == d_in * d_out
+    assert layer.dense_macs == d_in * d_out
 
 
 def test_low_rank_default_rank():
@@ -190,12 +190,12 @@ def test_low_rank_default_rank():
 def test_dense_param_count(d_in, d_out):
     layer = build("dense", d_in, d_out)
     assert layer.num_params == d_in * d_out + d_out == layer.dense_params
-    assert layer.flops(5) == 5 * d_in * d_out == 5 * layer.dense_flops
+    assert layer.macs(5) == 5 * d_in * d_out == 5 * layer.dense_macs
 
 
 def test_block_diag_param_count():
     layer = build("block_diag", 13, 7, {"blocks": 3}, bias=False)
-    assert layer.num_params == 3 * 5 * 3 == layer.flops()
+    assert layer.num_params == 3 * 5 * 3 == layer.macs()
 
 
 def test_tt_param_and_flop_formula():
@@ -207,19 +207,19 @@ def test_tt_param_and_flop_formula():
         math.prod(m[t + 1 :]) * math.prod(n[:t]) * r[t] * m[t] * n[t] * r[t + 1] for t in range(3)
     )
     assert layer.num_params == params
-    assert layer.flops(3) == 3 * macs
+    assert layer.macs(3) == 3 * macs
 
 
 def test_kron_square_counts():
     layer = build("kron", 64, 64, bias=False)
     assert layer.num_params == 2 * 64
-    assert layer.flops() == 2 * 64 * 8
+    assert layer.macs() == 2 * 64 * 8
 
 
 # ---------------------------------------------------------------- FLOPs against FlopCounterMode
 
 
-def _counted_flops(layer, batch):
+def _counted_macs(layer, batch):
     x = torch.randn(batch, layer.in_features, dtype=torch.float64)
     with FlopCounterMode(display=False) as counter:
         layer.reference_forward(x)
@@ -247,16 +247,16 @@ FLOP_CASES = [
 def test_flop_counter_matches(case, batch):
     spec, d_in, d_out, opts = case
     layer = build(spec, d_in, d_out, opts)
-    assert layer.flops(batch) == batch * layer.flops(1)
-    assert _counted_flops(layer, batch) == 2 * layer.flops(batch)
+    assert layer.macs(batch) == batch * layer.macs(1)
+    assert _counted_macs(layer, batch) == 2 * layer.macs(batch)
 
 
-def test_padded_flops_include_padding():
+def test_padded_macs_include_padding():
     layer = build("btt", 97, 97, {"rank": 1}, bias=False)
     assert layer.in_padded == 98
     (m1, _), (n0, _) = layer.in_factors, layer.out_factors
-    assert layer.flops() == 98 * n0 + 98 * m1
-    assert layer.flops() == layer.num_params
+    assert layer.macs() == 98 * n0 + 98 * m1
+    assert layer.macs() == layer.num_params
 
 
 @HYP
@@ -264,7 +264,7 @@ def test_padded_flops_include_padding():
 def test_flop_counter_property(cfg, batch):
     spec, d_in, d_out, opts = cfg
     layer = build(spec, d_in, d_out, opts)
-    assert _counted_flops(layer, batch) == 2 * layer.flops(batch)
+    assert _counted_macs(layer, batch) == 2 * layer.macs(batch)
 
 
 @pytest.mark.parametrize(
@@ -282,7 +282,7 @@ def test_flop_counter_property(cfg, batch):
 def test_flop_counter_unit_factor(case):
     layer = build(*case)
     assert _unit_contraction(layer)
-    assert _counted_flops(layer, 2) == 2 * layer.flops(2)
+    assert _counted_macs(layer, 2) == 2 * layer.macs(2)
 
 
 @HYP
@@ -296,4 +296,4 @@ def test_btt2_counts_property(d_in, d_out, rank):
     layer = build("btt", d_in, d_out, {"rank": rank}, bias=False)
     (m1, _), (n0, _) = layer.in_factors, layer.out_factors
     expected = rank * (layer.in_padded * n0 + layer.out_padded * m1)
-    assert layer.num_params == expected == layer.flops()
+    assert layer.num_params == expected == layer.macs()

@@ -11,7 +11,7 @@ Conventions shared by all structures:
   with optional leading batch dimensions (one dense block per batch index).
 * FLOPs are **multiply-accumulates (MACs) of the forward pass**, one per fused multiply-add, the
   convention of fvcore and of the paper's FLOP axes. ``torch.utils.flop_counter.FlopCounterMode``
-  counts 2 per MAC, so its total is ``2 * layer.flops(batch)``. The bias addition, padding and
+  counts 2 per MAC, so its total is ``2 * layer.macs(batch)``. The bias addition, padding and
   reshapes are not counted; computations on zero-padded rows and columns are.
 * ``factors()`` is the single source of per-factor metadata. Nothing is stored on tensors.
 * Widths that do not factorise well are zero-padded to ``in_padded`` / ``out_padded``; the input
@@ -84,7 +84,7 @@ class StructuredLinear(nn.Module):
       is the factor closest to the output (the one zeroed by ``zero_init_last``);
     * ``_reference_matmul(x, weights)``: plain einsum/matmul path on ``(N, in_padded)`` inputs;
     * optionally ``_matmul(x, weights)``: a faster path (defaults to the reference);
-    * optionally ``_flops_per_example()`` (defaults to the factors' element count, correct for
+    * optionally ``_macs_per_example()`` (defaults to the factors' element count, correct for
       every structure without weight sharing) and ``_from_dense_padded(W)``.
 
     Args:
@@ -153,7 +153,7 @@ class StructuredLinear(nn.Module):
         y = self._reference_matmul(x, weights)
         return y if bias is None else y + bias
 
-    def _flops_per_example(self) -> int:
+    def _macs_per_example(self) -> int:
         return sum(f.tensor.numel() for f in self.factors())
 
     def _from_dense_padded(self, weight: torch.Tensor) -> None:
@@ -422,9 +422,9 @@ class StructuredLinear(nn.Module):
             f.tensor.mul_(target / g)
 
     # ------------------------------------------------------------------ accounting
-    def flops(self, batch: int = 1) -> int:
+    def macs(self, batch: int = 1) -> int:
         """Forward multiply-accumulates for ``batch`` rows (bias excluded, padding included)."""
-        return int(batch) * self._flops_per_example()
+        return int(batch) * self._macs_per_example()
 
     @property
     def num_params(self) -> int:
@@ -439,7 +439,7 @@ class StructuredLinear(nn.Module):
         )
 
     @property
-    def dense_flops(self) -> int:
+    def dense_macs(self) -> int:
         """Forward MACs per example of the ``nn.Linear`` this layer replaces."""
         return self.in_features * self.out_features
 
@@ -456,5 +456,5 @@ class StructuredLinear(nn.Module):
         shapes = ", ".join(f"{f.name}{tuple(f.tensor.shape)}" for f in self.factors())
         parts.append(f"factors=[{shapes}]")
         parts.append(f"params={self.num_params / self.dense_params:.3g}x dense")
-        parts.append(f"flops={self.flops() / self.dense_flops:.3g}x dense")
+        parts.append(f"macs={self.macs() / self.dense_macs:.3g}x dense")
         return ", ".join(parts)

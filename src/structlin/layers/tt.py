@@ -109,7 +109,7 @@ class TTLinear(StructuredLinear):
             s = s.reshape(batch, rest, done * n[t], r[t + 1])
         return s.reshape(batch, self.out_padded)
 
-    def _flops_per_example(self) -> int:
+    def _macs_per_example(self) -> int:
         m, n, r = self.in_factors, self.out_factors, self.ranks
         return sum(
             math.prod(m[t + 1 :]) * math.prod(n[:t]) * r[t] * m[t] * n[t] * r[t + 1]

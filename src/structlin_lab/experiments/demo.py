@@ -30,7 +30,7 @@ def _linear_macs(model: torch.nn.Module) -> int:
     total = 0
     for m in model.modules():
         if isinstance(m, StructuredLinear):
-            total += m.flops()
+            total += m.macs()
         elif isinstance(m, torch.nn.Linear):
             total += m.in_features * m.out_features
     return total

@@ -249,12 +249,12 @@ class GPT2(nn.Module):
             skip = {id(p) for m in vocab for p in m.parameters()}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
-    def flops_per_token(self, non_embedding: bool = False) -> int:
+    def macs_per_token(self, non_embedding: bool = False) -> int:
         """Forward multiply-accumulates (MACs) per token at full context.
 
         Convention (that of the paper's fvcore counts divided by ``block_size``):
 
-        * every linear-like layer, ``lm_head`` included: its ``flops()`` if it is a
+        * every linear-like layer, ``lm_head`` included: its ``macs()`` if it is a
           :class:`~structlin.layers.StructuredLinear`, else ``in_features * out_features``
           (biases, norms, GELU, softmax and embedding lookups are not counted);
         * attention: per layer ``block_size * d_attn`` MACs for ``q k^T`` plus the same for
@@ -271,7 +271,7 @@ class GPT2(nn.Module):
             if non_embedding and module is self.lm_head:
                 continue
             if isinstance(module, StructuredLinear):
-                total += module.flops()
+                total += module.macs()
             else:
                 d_in, d_out = linear_dims(module)
                 total += d_in * d_out

@@ -322,7 +322,7 @@ def _linear_macs_params(model: Any) -> tuple[int, int]:
     macs = params = 0
     for m in model.modules():
         if isinstance(m, StructuredLinear):
-            macs += m.flops()
+            macs += m.macs()
             params += sum(p.numel() for p in m.parameters())
         elif isinstance(m, torch.nn.Linear):
             macs += m.in_features * m.out_features
@@ -335,7 +335,7 @@ def measure(run: RunSpec) -> dict[str, Any]:
 
     For the MLP these are the whole model's (its MACs are all in linear layers). For GPT-2 with
     the GPT-2 BPE (vocabulary 50257, known without reading the text) an example is one sequence
-    of ``block_size`` tokens, as the trainer counts it (``flops_per_token() * block_size``), and
+    of ``block_size`` tokens, as the trainer counts it (``macs_per_token() * block_size``), and
     params are all parameters. For other models only the linear layers' parameters are reported
     (``macs`` is None)."""
     import torch
@@ -351,7 +351,7 @@ def measure(run: RunSpec) -> dict[str, Any]:
         model, _ = build_model(cfg, data, torch.device("meta"))
     if cfg.task == "lm":
         return {
-            "macs": model.flops_per_token() * cfg.data.block_size,
+            "macs": model.macs_per_token() * cfg.data.block_size,
             "params": model.num_params(non_embedding=False),
         }
     macs, linear_params = _linear_macs_params(model)

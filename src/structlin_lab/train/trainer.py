@@ -15,7 +15,7 @@ checkpoints (the checkpoint carries every rank's data position).
 
 Compute is reported as training MACs so far: ``3 x forward MACs per example x examples seen``
 (forward plus the two backward products; MACs counted by ``FlopCounterMode`` on one example,
-the same convention as ``StructuredLinear.flops``).
+the same convention as ``StructuredLinear.macs``).
 """
 
 from __future__ import annotations

@@ -198,38 +198,36 @@ def test_num_params():
     assert model.num_params() == 2 * per_layer + 64
 
 
-def test_flops_per_token_counts_linears_and_attention():
+def test_macs_per_token_counts_linears_and_attention():
     model = tiny()
     d, e, L = 64, 4, 2
     linears = L * (4 * d * d + 2 * d * e * d) + d * V
     attention = L * (T * d + T * d)  # q k^T and attn @ v, every query sees all T keys
-    assert model.flops_per_token() == linears + attention
-    assert model.flops_per_token(non_embedding=True) == linears + attention - d * V
+    assert model.macs_per_token() == linears + attention
+    assert model.macs_per_token(non_embedding=True) == linears + attention - d * V
     # attention width n_head * d_head, not d_model, sets the attention cost
     narrow = tiny(n_head=1, d_head=16)
-    assert (
-        narrow.flops_per_token() == L * (3 * d * 16 + 16 * d + 2 * d * e * d + 2 * T * 16) + d * V
-    )
+    assert narrow.macs_per_token() == L * (3 * d * 16 + 16 * d + 2 * d * e * d + 2 * T * 16) + d * V
 
 
-def test_structurize_btt_keeps_lm_head_and_reduces_flops():
+def test_structurize_btt_keeps_lm_head_and_reduces_macs():
     model = tiny()
-    before = model.flops_per_token()
+    before = model.macs_per_token()
     report = structurize(model, "btt")
     assert type(model.lm_head) is nn.Linear
     assert [r.status for r in report if r.name == "lm_head"] == ["kept (head)"]
     assert isinstance(model.blocks[0].attn.q, BTTLinear)
     assert len(report.replaced) == 12
     t = report.totals()
-    after = model.flops_per_token()
+    after = model.macs_per_token()
     assert after < before
-    assert before - after == t["flops_before"] - t["flops_after"]
+    assert before - after == t["macs_before"] - t["macs_after"]
     logits, loss = model(tokens(), tokens(seed=1))
     assert torch.equal(logits, torch.zeros_like(logits))
     loss.backward()
     # the paper also structures the head
     structurize(model, "btt", overrides={"lm_head": "btt"})
-    assert isinstance(model.lm_head, BTTLinear) and model.flops_per_token() < after
+    assert isinstance(model.lm_head, BTTLinear) and model.macs_per_token() < after
     assert model.num_params() == sum(
         p.numel() for n, p in model.named_parameters() if not n.startswith(("wte", "wpe", "lm_"))
     )
