@@ -8,9 +8,10 @@ checkpoints) from RUNS_DIR/cifar10_mlp_{lr_tune,scaling,lr_landscape} into RESUL
 and JSON table per study, the figures (PNG and PDF) into FIGURES_DIR (default docs/figures),
 and prints fits, multipliers, the frontier, the LR-landscape optima and the ξ comparison.
 
-Compute is training MACs (3x forward MACs per example x examples seen). The paper's slopes
-(reference §6) are fitted on error against forward FLOPs per example; with the same number of
-epochs for every run the two differ by a constant factor, so the exponents compare directly.
+Compute is training MACs (3x forward MACs per example x examples seen). The paper's
+slopes (Qiu et al., ICML 2024, Figure 3) are fitted on error against forward FLOPs per example;
+with the same number of epochs for every run the two differ by a constant factor, so the
+exponents compare directly.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The paper's GPT-2 language model (Qiu et al. 2024; reference notes §3 and §4.3).
+"""The paper's GPT-2 language model (Qiu et al., ICML 2024: nanoGPT with split Q/K/V,
+QK-LayerNorm and no weight tying).
 
 A pre-LN decoder-only transformer in which every matrix is a plain ``nn.Linear`` (queries, keys
 and values are three separate layers, the head is untied by default) so that
@@ -15,7 +16,7 @@ from torch import nn
 
 from structlin import StructuredLinear, is_linear_like, linear_dims
 
-from .mlp import _dense_init
+from .mlp import dense_init
 
 __all__ = ["GPT2", "GPTConfig"]
 
@@ -113,8 +114,8 @@ class CausalSelfAttention(nn.Module):
             self.q_ln = self.k_ln = None
         self.c_proj = nn.Linear(d_attn, config.d_model, bias=config.bias)
         for layer in (self.q, self.k, self.v):
-            _dense_init(layer)
-        _dense_init(self.c_proj, zero=True)
+            dense_init(layer)
+        dense_init(self.c_proj, zero=True)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -146,8 +147,8 @@ class MLPBlock(nn.Module):
         self.dropout = config.dropout
         self.c_fc = nn.Linear(config.d_model, hidden, bias=config.bias)
         self.mlp_proj = nn.Linear(hidden, config.d_model, bias=config.bias)
-        _dense_init(self.c_fc)
-        _dense_init(self.mlp_proj, zero=True)
+        dense_init(self.c_fc)
+        dense_init(self.mlp_proj, zero=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(self.mlp_proj(F.gelu(self.c_fc(x))), self.dropout, self.training)
@@ -173,7 +174,7 @@ class GPT2(nn.Module):
 
     ``forward(idx (B, T) int, targets (B, T) int | None) -> (logits (B, T, vocab), loss | None)``.
 
-    Initialisation (μP, reference notes §2.1/§2.4/§4.3): ``wte``/``wpe`` ``N(0, 0.02)``; every
+    Initialisation (μP, as in the paper's models): ``wte``/``wpe`` ``N(0, 0.02)``; every
     linear ``N(0, 1/fan_in)`` with zero bias, except ``attn.c_proj``, ``mlp.mlp_proj`` and the
     untied ``lm_head``, which start at zero (so the initial logits are exactly zero and the
     initial loss is ``log(vocab_size)``).
@@ -203,7 +204,7 @@ class GPT2(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         else:
-            _dense_init(self.lm_head, zero=True)
+            dense_init(self.lm_head, zero=True)
 
     def get_output_embeddings(self) -> nn.Module:
         """The output head (the name transformers and :func:`structlin.structurize` look for)."""

@@ -1,4 +1,6 @@
-"""The paper's residual MLP for images (Qiu et al. 2024; reference notes §4.1)."""
+"""The paper's residual MLP for images (Qiu et al., ICML 2024, the CIFAR MLP of its experiments):
+flatten, a fixed pixel permutation, an input layer with GELU, pre-LN residual FFN blocks with a
+fixed 4x expansion, and a zero-initialised head."""
 
 from __future__ import annotations
 
@@ -7,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "dense_init"]
 
 
-def _dense_init(linear: nn.Linear, zero: bool = False) -> None:
-    # μP-style dense init: std = fan_in^-1/2, bias 0; zero for readouts and residual outputs.
+def dense_init(linear: nn.Linear, zero: bool = False) -> None:
+    """The paper's models' init of a dense layer: ``N(0, 1/fan_in)`` weight, zero bias;
+    ``zero=True`` zeroes the weight too (μP's readout and residual-branch outputs start at 0)."""
     with torch.no_grad():
         if zero:
             linear.weight.zero_()
@@ -31,8 +34,8 @@ class FeedForward(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.fc1 = nn.Linear(width, expansion * width, bias=bias)
         self.fc2 = nn.Linear(expansion * width, width, bias=bias)
-        _dense_init(self.fc1)
-        _dense_init(self.fc2, zero=True)
+        dense_init(self.fc1)
+        dense_init(self.fc2, zero=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(self.norm(x))))
@@ -83,8 +86,8 @@ class MLP(nn.Module):
         self.input_layer = nn.Linear(in_features, width, bias=bias)
         self.blocks = nn.ModuleList(Block(width, expansion, bias) for _ in range(depth))
         self.head = nn.Linear(width, num_classes, bias=bias)
-        _dense_init(self.input_layer)
-        _dense_init(self.head, zero=True)
+        dense_init(self.input_layer)
+        dense_init(self.head, zero=True)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)

@@ -1,8 +1,8 @@
 """A small timm-style model registry: ``create_model("vit", num_classes=10, width=64, depth=3)``.
 
 Keyword arguments are checked against the constructor's signature before anything is built, so a
-misspelt option fails with the list of accepted ones instead of being swallowed (the reference
-code's ``**_`` silently dropped, e.g., the MLP's ``ffn_expansion``).
+misspelt option fails with the list of accepted ones instead of being swallowed (the paper
+authors' code's ``**_`` silently dropped, e.g., the MLP's ``ffn_expansion``).
 """
 
 from __future__ import annotations

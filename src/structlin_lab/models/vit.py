@@ -1,4 +1,5 @@
-"""The paper's Vision Transformer (Qiu et al. 2024; reference notes §3 and §4.2).
+"""The paper's Vision Transformer (Qiu et al., ICML 2024: pre-LN blocks, separate Q/K/V projections,
+per-head QK-LayerNorm).
 
 A pre-LN ViT in which every matrix is a plain ``nn.Linear`` (queries, keys and values are three
 separate layers) so that :func:`structlin.structurize` can replace each one on its own.
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mlp import FeedForward, _dense_init
+from .mlp import FeedForward, dense_init
 
 __all__ = ["ViT"]
 
@@ -41,7 +42,7 @@ class PatchEmbed(nn.Module):
         self.norm_in = nn.LayerNorm(patch_dim)
         self.proj = nn.Linear(patch_dim, width, bias=bias)
         self.norm_out = nn.LayerNorm(width)
-        _dense_init(self.proj)
+        dense_init(self.proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm_out(self.proj(self.norm_in(_patchify(x, self.patch_size))))
@@ -71,10 +72,10 @@ class Attention(nn.Module):
         self.q_norm = nn.LayerNorm(dim_head)
         self.k_norm = nn.LayerNorm(dim_head)
         self.to_out = nn.Linear(inner, width, bias=bias)
-        _dense_init(self.to_q, zero=True)
-        _dense_init(self.to_k)
-        _dense_init(self.to_v)
-        _dense_init(self.to_out, zero=True)
+        dense_init(self.to_q, zero=True)
+        dense_init(self.to_k)
+        dense_init(self.to_v)
+        dense_init(self.to_out, zero=True)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -134,7 +135,7 @@ class ViT(nn.Module):
             values never have one).
         causal: causal attention mask over the token sequence (the paper exposes it for ViT).
 
-    Initialisation (μP, reference notes §2.1/§2.4): every linear ``N(0, 1/fan_in)`` with zero
+    Initialisation (μP, as in the paper's models): every linear ``N(0, 1/fan_in)`` with zero
     bias, except ``to_q``, ``to_out``, ``ffn.fc2`` and ``head``, which start at zero; so the
     initial logits are exactly the head bias, zero. ``cls_token`` and ``pos_embed`` are
     ``N(0, 1)``, the same scale as the LayerNorm-ed patch tokens they join.
@@ -194,7 +195,7 @@ class ViT(nn.Module):
         )
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes, bias=bias)
-        _dense_init(self.head, zero=True)
+        dense_init(self.head, zero=True)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Token sequence after the blocks and the final LN: ``(B, num_tokens, width)``."""

@@ -1,6 +1,7 @@
 """Scaling-law fits: power laws in compute, compute-optimal frontiers, compute multipliers.
 
-Follows the paper's fitting (reference §5.8, §8.4): a pure power law ``err = a * C**-b`` is a
+Follows the fitting of the paper's authors (their scaling-law notebooks for Qiu et al., ICML 2024
+and Potapczynski et al., NeurIPS 2024): a pure power law ``err = a * C**-b`` is a
 linear regression of ``log err`` on ``log C`` (``b`` is minus the slope, with the slope's standard
 error); the frontier over training histories is the lower convex hull in log-log space with
 points where the error rises with compute dropped. The fit with an irreducible term needs scipy.
@@ -186,10 +187,10 @@ def compute_frontier(
     """The compute-optimal frontier of training histories (one ``(compute, error)`` per model).
 
     All points are pooled; the frontier is their lower convex hull in log-log space, then points
-    where the error does not fall with compute are dropped (reference §8.4). With ``tol > 0``
-    points within a factor ``1 + tol`` of the hull (interpolated in log-log) are added back
-    before that, as the paper's notebooks do (0.05 or 0.02). Non-positive or non-finite points
-    are ignored. Returns ``(C, err)`` sorted by compute.
+    where the error does not fall with compute are dropped (as in Potapczynski et al., NeurIPS
+    2024). With ``tol > 0`` points within a factor ``1 + tol`` of the hull (interpolated in
+    log-log) are added back before that, as the paper's notebooks do (0.05 or 0.02).
+    Non-positive or non-finite points are ignored. Returns ``(C, err)`` sorted by compute.
     """
     xs, ys = [], []
     for h in histories:

@@ -79,6 +79,33 @@ def test_plot_lr_landscape_writes_png_and_pdf(tmp_path):
     _check(paths, tmp_path)
 
 
+def test_plot_lr_landscape_draws_seed_means_per_width_and_panel(tmp_path, monkeypatch):
+    import structlin_lab.scaling.plots as plots
+
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    # a second seed with errors 0.1 higher: the drawn point must be the mean of the two seeds
+    rows = _rows() + [
+        dict(r, seed=1, final_train_error=r["final_train_error"] + 0.1) for r in _rows()
+    ]
+    plot_lr_landscape(rows, tmp_path / "lr")
+    (fig,) = figures
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == [
+        "dense (lr rule: structure-aware)",
+        "lowrank (lr rule: structure-aware)",
+    ]
+    for ax, struct in zip(panels, ("dense", "lowrank"), strict=True):
+        lines = ax.get_lines()
+        assert [ln.get_label() for ln in lines] == [f"width {w}" for w in WIDTHS]
+        for ln, w in zip(lines, WIDTHS, strict=True):
+            assert list(ln.get_xdata()) == LRS
+            seed0 = [r for r in _rows() if r["structure"] == struct and r["width"] == w]
+            want = [100 * (r["final_train_error"] + 0.05) for r in seed0]
+            assert list(ln.get_ydata()) == pytest.approx(want)
+
+
 @pytest.mark.parametrize("fn", [plot_scaling, plot_lr_landscape])
 def test_empty_rows_raise(fn, tmp_path):
     with pytest.raises(ValueError, match="no rows"):
