@@ -1,12 +1,13 @@
+import copy
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-import structlin as sl
 from structlin.layers import BTTLinear, LowRankLinear
 from structlin.surgery import structurize
+from structlin.targets import EXCLUDED, HEAD, REPLACE, UNSELECTED, select_targets
 from structlin_lab.models import MLP
 
 
@@ -80,9 +81,10 @@ def test_keeps_zero_init_zero_copies_bias_device_dtype():
     structurize(model, "btt")
     fc2 = model.blocks[0].fc2
     assert torch.count_nonzero(fc2.to_dense()) == 0
-    assert torch.count_nonzero(fc2.cores[0]) > 0 and torch.count_nonzero(fc2.cores[1]) == 0
+    first, last = (f.tensor for f in fc2.factors())
+    assert torch.count_nonzero(first) > 0 and torch.count_nonzero(last) == 0
     assert torch.equal(model.blocks[0].fc1.bias, bias)
-    assert model.blocks[0].fc1.cores[0].dtype == torch.float64
+    assert all(f.tensor.dtype == torch.float64 for f in model.blocks[0].fc1.factors())
 
 
 def test_from_dense_init_preserves_function_when_representable():
@@ -145,18 +147,104 @@ def test_meta_device_model():
     with torch.device("meta"):
         model = small_mlp()
     structurize(model, "btt")
-    assert model.blocks[0].fc1.cores[0].is_meta
+    assert isinstance(model.blocks[0].fc1, BTTLinear)
+    assert all(f.tensor.is_meta for f in model.blocks[0].fc1.factors())
 
 
 def test_structured_model_survives_state_dict_and_deepcopy():
-    import copy
-
     model = small_mlp()
     structurize(model, "btt", norm="rms_clamp")
+    with torch.no_grad():  # move off the seeded init, which a fresh surgery would reproduce
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(4, 48)
+    y = model(x)
     clone = copy.deepcopy(model)
     fresh = small_mlp()
     structurize(fresh, "btt", norm="rms_clamp")
+    assert not torch.allclose(fresh(x), y)
     fresh.load_state_dict(model.state_dict())
-    assert torch.equal(clone(x), model(x)) and torch.equal(fresh(x), model(x))
-    assert sl.StructuredLinear is type(model.blocks[0].fc1).__mro__[1]
+    assert torch.equal(clone(x), y) and torch.equal(fresh(x), y)
+    assert clone.blocks[0].fc1.norm == "rms_clamp" and fresh.blocks[0].fc1.norm == "rms_clamp"
+    with torch.no_grad():  # the copy owns its parameters
+        for p in model.parameters():
+            p.add_(1.0)
+    assert not torch.allclose(model(x), y) and torch.equal(clone(x), y)
+
+
+def test_lazy_layer_is_refused_not_a_crash():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LazyLinear(4), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="kept some layers dense"):
+        report = structurize(model, "btt")
+    status = {r.name: r.status for r in report}
+    assert status["1"] == "refused: lazy layer not initialised yet; run a forward pass first"
+    assert status["0"] == "replaced" and type(model[1]) is nn.LazyLinear
+
+
+# The target selector alone, on plain name lists.
+
+NAMES = ["input_layer", "blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2", "head"]
+
+
+def test_select_all_linear_keeps_only_the_head():
+    sel = select_targets(NAMES, "head")
+    assert sel.actions == {n: REPLACE for n in NAMES[:-1]} | {"head": HEAD}
+    assert sel.replaced == NAMES[:-1]
+    assert sel.overrides == {} and sel.unmatched_targets == () and sel.unmatched_overrides == ()
+    # the head is whichever module the caller names, not the last one
+    assert select_targets(NAMES, "input_layer").actions["input_layer"] == HEAD
+    assert select_targets(NAMES, "input_layer").actions["head"] == REPLACE
+
+
+def test_select_suffix_list_matches_on_name_boundaries():
+    names = [*NAMES, "blocks.0.xfc1"]
+    sel = select_targets(names, "head", ["fc1", "head"])
+    assert sel.replaced == ["blocks.0.fc1", "blocks.1.fc1", "head"]  # a listed head is replaced
+    assert sel.actions["blocks.0.xfc1"] == UNSELECTED and sel.actions["input_layer"] == UNSELECTED
+    assert select_targets(names, None, ["blocks.1.fc1"]).replaced == ["blocks.1.fc1"]
+
+
+def test_select_regex_must_match_the_whole_name():
+    assert select_targets(NAMES, "head", r"blocks\.\d+\.fc2").replaced == [
+        "blocks.0.fc2",
+        "blocks.1.fc2",
+    ]
+    sel = select_targets(NAMES, "head", "fc2")  # a string is a regex, not a suffix
+    assert sel.replaced == [] and sel.unmatched_targets == ("fc2",)
+
+
+def test_select_exclude_wins_over_targets_overrides_and_the_head():
+    sel = select_targets(
+        NAMES, "head", ["fc1"], exclude_modules=["blocks.1.fc1"], overrides=["blocks.1.fc1"]
+    )
+    assert sel.replaced == ["blocks.0.fc1"]
+    assert sel.actions["blocks.1.fc1"] == EXCLUDED
+    # a pattern that matched an excluded name was not a typo: no warning for it
+    assert sel.unmatched_targets == () and sel.unmatched_overrides == ()
+    sel = select_targets(NAMES, "head", exclude_modules=r"(head|input_layer)")
+    assert sel.actions["head"] == EXCLUDED and sel.actions["input_layer"] == EXCLUDED
+    assert HEAD not in sel.actions.values()
+
+
+def test_select_overrides_replace_the_head_and_the_first_match_applies():
+    sel = select_targets(NAMES, "head", overrides=["head", r"blocks\.0\..*", "fc2"])
+    assert sel.actions["head"] == REPLACE and sel.replaced == NAMES
+    assert sel.overrides == {
+        "head": "head",
+        "blocks.0.fc1": r"blocks\.0\..*",
+        "blocks.0.fc2": r"blocks\.0\..*",  # first in order, although "fc2" matches too
+        "blocks.1.fc2": "fc2",
+    }
+    # with an explicit target list, an override alone selects its module
+    assert select_targets(NAMES, None, ["fc1"], overrides=["input_layer"]).replaced == [
+        "input_layer",
+        "blocks.0.fc1",
+        "blocks.1.fc1",
+    ]
+
+
+def test_select_reports_patterns_that_match_nothing():
+    sel = select_targets(NAMES, "head", ["fc1", "typo_fc3", "fc1"], overrides=["fc2", "nope"])
+    assert sel.unmatched_targets == ("typo_fc3",)
+    assert sel.unmatched_overrides == ("nope",)
+    assert select_targets(NAMES, None, ["blocks.2.fc1"]).unmatched_targets == ("blocks.2.fc1",)

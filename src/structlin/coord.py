@@ -3,7 +3,7 @@
 Under μP the per-coordinate size of every hidden feature, ``h``, and of its change after one
 optimizer step, ``Δh``, are Θ(1) in width. :func:`coord_check` trains a family of models at
 several widths for a few steps on the same batch stream and records, after every step, on a
-fixed evaluation batch (reference notes §5.3):
+fixed evaluation batch (the check of Qiu et al., ICML 2024, Section 3 and Fig. 2a):
 
 * ``h``  = mean over examples of ``‖h‖₂ / sqrt(width)`` (the per-example RMS of a feature);
 * ``Δh`` = the same statistic of ``h_t - h_{t-1}``, the change made by step ``t``.
@@ -112,9 +112,8 @@ def coord_check(
         One record per (width, step, layer): ``width, step, layer, h, dh`` plus ``label``.
         Step 0 is the initialisation (``dh`` is NaN there).
     """
-    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-    if optimizer.lower() not in opt_cls:
-        raise ValueError(f"optimizer must be one of {sorted(opt_cls)}, got {optimizer!r}")
+    if optimizer.lower() not in _OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
     with torch.device("meta"):
         base = make_model(base_width)
     label = dict(label or {})
@@ -125,56 +124,71 @@ def coord_check(
         groups = mup.param_groups(
             model, lr, base=base, optimizer=optimizer, lr_rule=lr_rule, multipliers=multipliers
         )
-        opt = opt_cls[optimizer.lower()](groups)
+        opt = _OPTIMIZERS[optimizer.lower()](groups)
         names = list(record) if record is not None else default_record_modules(model)
-        stream: Iterator = iter(batches())
-        first = next(stream)
-        x_eval = eval_batch if eval_batch is not None else first[0]
-        prev = _features(model, names, x_eval)
-        for name in names:
-            if name in prev:
-                records.append(
-                    {
-                        **label,
-                        "width": width,
-                        "step": 0,
-                        "layer": name,
-                        "h": _rms(prev[name]),
-                        "dh": float("nan"),
-                    }
-                )
-        pending: list = [first]
-        for step in range(1, steps + 1):
-            if pending:
-                x, y = pending.pop()
-            else:
-                try:
-                    x, y = next(stream)
-                except StopIteration:
-                    raise ValueError(
-                        f"coord_check: the batch stream ended before step {step}"
-                    ) from None
-            model.train()
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            cur = _features(model, names, x_eval)
-            for name in names:
-                if name in cur:
-                    records.append(
-                        {
-                            **label,
-                            "width": width,
-                            "step": step,
-                            "layer": name,
-                            "h": _rms(cur[name]),
-                            "dh": _rms(cur[name] - prev[name]),
-                            "loss": float(loss.detach()),
-                        }
-                    )
-            prev = cur
+        measured = _train_and_measure(model, opt, names, batches(), steps, loss_fn, eval_batch)
+        records += [{**label, "width": width, **r} for r in measured]
     return records
+
+
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def _train_and_measure(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    names: list[str],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    eval_batch: torch.Tensor | None,
+) -> list[dict[str, Any]]:
+    """Records ``step, layer, h, dh[, loss]`` at initialisation (step 0) and after each of
+    ``steps`` optimizer steps, measured on ``eval_batch`` (default: the first batch's inputs)."""
+    stream: Iterator = iter(batches)
+    first = next(stream)
+    x_eval = eval_batch if eval_batch is not None else first[0]
+    prev = _features(model, names, x_eval)
+    records = _step_records(0, names, prev, None, None)
+    for step in range(1, steps + 1):
+        x, y = first if step == 1 else _next_batch(stream, step)
+        model.train()
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        cur = _features(model, names, x_eval)
+        records += _step_records(step, names, cur, prev, float(loss.detach()))
+        prev = cur
+    return records
+
+
+def _next_batch(stream: Iterator, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return next(stream)
+    except StopIteration:
+        raise ValueError(f"coord_check: the batch stream ended before step {step}") from None
+
+
+def _step_records(
+    step: int,
+    names: list[str],
+    cur: Mapping[str, torch.Tensor],
+    prev: Mapping[str, torch.Tensor] | None,
+    loss: float | None,
+) -> list[dict[str, Any]]:
+    """One record per measured module: ``h = rms(cur)``, ``dh = rms(cur - prev)`` (NaN at
+    step 0, where there is no ``prev``), and the training loss of the step that led here."""
+    out = []
+    for name in names:
+        if name not in cur:
+            continue  # the module returned something other than a tensor
+        dh = float("nan") if prev is None else _rms(cur[name] - prev[name])
+        rec = {"step": step, "layer": name, "h": _rms(cur[name]), "dh": dh}
+        if loss is not None:
+            rec["loss"] = loss
+        out.append(rec)
+    return out
 
 
 def fit_slopes(

@@ -2,9 +2,9 @@
 
 μP (Yang & Hu; Yang et al.) keeps every layer's feature updates Θ(1) as width grows by scaling
 learning rates with fan-in. For a structured layer each factor is itself a (batched) dense map
-with its own fan-in, and the layer's update is the sum of its factors' updates. The paper's rule
-(Qiu et al. 2024, §2.3 of our reference notes) gives factor ``t`` of a layer with input width
-``d_in`` (base model: ``d_in_base``) and ``n_f`` factors, for Adam,
+with its own fan-in, and the layer's update is the sum of its factors' updates. The
+structure-aware rule (Qiu et al., ICML 2024, Section 3) gives factor ``t`` of a layer with input
+width ``d_in`` (base model: ``d_in_base``) and ``n_f`` factors, for Adam,
 
     lr_t = lr * (d_in_base / d_in) * (d_in / fan_in_t) / n_f  =  lr * d_in_base / (n_f * fan_in_t)
 
@@ -108,34 +108,7 @@ def param_info(
         raise ValueError(f"lr_rule must be one of {_RULES}, got {lr_rule!r}")
     model = _unwrap(model)
     shapes = base_shapes(_unwrap(base)) if isinstance(base, nn.Module) else dict(base)
-    sgd = optimizer == "sgd"
-    infos: list[ParamInfo] = []
-    missing: list[str] = []
-    linear_prefixes: list[str] = []
-    for mod_name, module in model.named_modules():
-        if any(mod_name.startswith(p) for p in linear_prefixes):
-            continue  # parameters inside a linear layer (e.g. its ParameterList) are done
-        direct = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not direct and not (mod_name and is_linear_like(module)):
-            continue
-        prefix = f"{mod_name}." if mod_name else ""
-        if mod_name and is_linear_like(module):
-            linear_prefixes.append(prefix)
-            dims = _base_linear_dims(shapes, mod_name)
-            if dims is None:
-                missing.append(mod_name)
-                continue
-            infos += _linear_infos(module, prefix, dims, sgd, lr_rule, weight_decay)
-            continue
-        for pname, p in direct:
-            full = prefix + pname
-            if p.dim() <= 1:
-                infos.append(_vector_info(full, p))
-                continue
-            if full not in shapes:
-                missing.append(full)
-                continue
-            infos.append(_tensor_info(full, tuple(p.shape), tuple(shapes[full]), sgd, weight_decay))
+    infos, missing = _collect(model, shapes, optimizer == "sgd", lr_rule, weight_decay)
     infos = _dedupe(infos, model)
     if missing:
         raise ValueError(
@@ -145,6 +118,45 @@ def param_info(
             f"code, e.g. on the meta device."
         )
     return _apply_multipliers(infos, multipliers)
+
+
+def _collect(
+    model: nn.Module,
+    shapes: Mapping[str, tuple[int, ...]],
+    sgd: bool,
+    lr_rule: str,
+    weight_decay: float,
+) -> tuple[list[ParamInfo], list[str]]:
+    """Every trainable parameter's info, module by module (a linear-like module's factors as
+    one unit, see :func:`_linear_infos`), and the names the base has no entry for."""
+    infos: list[ParamInfo] = []
+    missing: list[str] = []
+    linear_prefixes: list[str] = []
+    for mod_name, module in model.named_modules():
+        if any(mod_name.startswith(p) for p in linear_prefixes):
+            continue  # parameters inside a linear layer (e.g. its ParameterList) are done
+        prefix = f"{mod_name}." if mod_name else ""
+        if mod_name and is_linear_like(module):
+            linear_prefixes.append(prefix)
+            dims = _base_linear_dims(shapes, mod_name)
+            if dims is None:
+                missing.append(mod_name)
+            else:
+                infos += _linear_infos(module, prefix, dims, sgd, lr_rule, weight_decay)
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            full = prefix + pname
+            if not p.requires_grad:
+                continue
+            if p.dim() <= 1:
+                infos.append(_vector_info(full, p))
+            elif full not in shapes:
+                missing.append(full)
+            else:
+                infos.append(
+                    _tensor_info(full, tuple(p.shape), tuple(shapes[full]), sgd, weight_decay)
+                )
+    return infos, missing
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -2,7 +2,8 @@
 
 ``structurize(model, "btt")`` swaps every ``nn.Linear`` (and Hugging Face GPT-2's ``Conv1D``,
 whose weight is stored transposed) except the output head for a structured layer, in place, and
-returns a report. Module selection follows peft's conventions:
+returns a report. Module selection (:mod:`structlin.targets`, a pure function of the module
+names) follows peft's conventions:
 
 * ``target_modules="all-linear"``: every linear layer but the output head
   (``get_output_embeddings()`` when the model has it, else the last linear layer in module order);
@@ -17,9 +18,8 @@ a module named by an override is replaced even if it is the output head.
 
 from __future__ import annotations
 
-import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +29,9 @@ from torch import nn
 from .layers import StructuredLinear, get_structure, make_linear, parse_spec, structure_options
 from .linear_like import is_conv1d, is_linear_like, linear_dims
 from .options import check_options
+from .targets import ALL_LINEAR, HEAD, REPLACE, Pattern, TargetSelection, select_targets
 
 __all__ = ["SurgeryReport", "SurgeryRow", "structurize"]
-
-Pattern = str | Iterable[str]
 
 
 @dataclass
@@ -106,32 +105,6 @@ class SurgeryReport(list):
     __repr__ = __str__
 
 
-def _name_matches(name: str, key: str) -> bool:
-    return name == key or name.endswith("." + key)
-
-
-def _matcher(pattern: Pattern | None) -> tuple[list[str], Any]:
-    """Returns (pattern entries, predicate(name) -> matching entry or None)."""
-    if pattern is None:
-        return [], lambda name: None
-    if isinstance(pattern, str):
-        rx = re.compile(pattern)
-        return [pattern], lambda name: pattern if rx.fullmatch(name) else None
-    keys = list(pattern)
-
-    def match(name: str) -> str | None:
-        return next((k for k in keys if _name_matches(name, k)), None)
-
-    return keys, match
-
-
-def _override_for(name: str, overrides: Mapping[str, Any]) -> tuple[str, Any] | None:
-    for key, value in overrides.items():
-        if _name_matches(name, key) or re.fullmatch(key, name):
-            return key, value
-    return None
-
-
 def _output_head(model: nn.Module, names: list[str]) -> str | None:
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
@@ -146,21 +119,29 @@ def _output_head(model: nn.Module, names: list[str]) -> str | None:
     return names[-1] if names else None
 
 
-def _refusal(name: str, module: nn.Module, parent: nn.Module, shared: set[int]) -> str | None:
+def _refusal(module: nn.Module, parent: nn.Module, shared: set[int]) -> str | None:
     if isinstance(parent, nn.MultiheadAttention):
         return "refused: nn.MultiheadAttention reads its out_proj weight directly"
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return "refused: lazy layer not initialised yet; run a forward pass first"
     if not (type(module) is nn.Linear or is_conv1d(module)):
         return (
             f"refused: {type(module).__name__} is a subclass of nn.Linear that may rely on its "
             f"weight; exclude it or replace it by hand"
         )
-    if isinstance(module.weight, nn.parameter.UninitializedParameter):
-        return "refused: lazy layer not initialised yet; run a forward pass first"
     if torch.nn.utils.parametrize.is_parametrized(module):
         return "refused: the weight is parametrized (torch.nn.utils.parametrize)"
     if id(module.weight) in shared:
         return "refused: the weight is shared with another module (tied weights)"
     return None
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """Ids of the parameters registered under more than one name (tied weights)."""
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    return {k for k, c in counts.items() if c > 1}
 
 
 def _describe_old(module: nn.Module) -> str:
@@ -185,11 +166,27 @@ def _resolve_spec(structure: Any, options: dict[str, Any], override: Any) -> tup
     raise ValueError(f"override values must be a spec string, a class or a dict, got {override!r}")
 
 
+def _resolve_structure(
+    structure: str | type[StructuredLinear], options: dict[str, Any], overrides: Mapping[str, Any]
+) -> tuple[type[StructuredLinear], dict[str, Any]]:
+    """The structure class and options for every layer (a spec string's options first, then
+    ``**options``), after checking them and every override's against the structure's options."""
+    if isinstance(structure, str):
+        name, spec_opts = parse_spec(structure)
+        structure = get_structure(name)
+        options = {**spec_opts, **options}
+    _check_options(structure, options)
+    for key, value in overrides.items():
+        spec, opts = _resolve_spec(structure, options, value)
+        _check_options(get_structure(spec) if isinstance(spec, str) else spec, opts, key)
+    return structure, options
+
+
 def structurize(
     model: nn.Module,
     structure: str | type[StructuredLinear],
     *,
-    target_modules: Pattern = "all-linear",
+    target_modules: Pattern = ALL_LINEAR,
     exclude_modules: Pattern | None = None,
     overrides: Mapping[str, Any] | None = None,
     init: str = "mup",
@@ -214,162 +211,156 @@ def structurize(
     Modules it cannot replace safely (tied weights, ``nn.MultiheadAttention.out_proj``, subclasses
     of ``nn.Linear``, parametrized or lazy layers) are kept and reported as refused, with a
     warning. Already structured layers are left alone, so calling it twice does not double-wrap.
+
+    Three steps: :func:`structlin.targets.select_targets` decides from the module names alone,
+    planning builds the report rows (each new layer probed on the meta device, so nothing is
+    allocated), and replacement swaps the modules (skipped by ``dry_run``).
     """
     if init not in ("mup", "from_dense"):
         raise ValueError(f"init must be 'mup' or 'from_dense', got {init!r}")
     overrides = dict(overrides or {})
-    if isinstance(structure, str):
-        name, spec_opts = parse_spec(structure)
-        structure = get_structure(name)
-        options = {**spec_opts, **options}
-
-    _check_options(structure, options)
-    for key, value in overrides.items():
-        spec, opts = _resolve_spec(structure, options, value)
-        _check_options(get_structure(spec) if isinstance(spec, str) else spec, opts, key)
-
+    structure, options = _resolve_structure(structure, options, overrides)
     modules = dict(model.named_modules())
-    linear_names = [n for n, m in modules.items() if is_linear_like(m) and n]
-    dense_names = [n for n in linear_names if not isinstance(modules[n], StructuredLinear)]
-    if not linear_names:
+    names = [n for n, m in modules.items() if is_linear_like(m) and n]
+    if not names:
         raise ValueError(
             f"structurize: {type(model).__name__} has no nn.Linear (or Conv1D) layer to replace"
         )
+    dense_names = [n for n in names if not isinstance(modules[n], StructuredLinear)]
+    all_linear = isinstance(target_modules, str) and target_modules == ALL_LINEAR
+    head = _output_head(model, names) if all_linear else None
+    selection = select_targets(names, head, target_modules, exclude_modules, overrides)
+    plan = _plan(model, selection, structure, options, overrides, dry_run)
+    if not dry_run:
+        _replace(model, plan, init)
+    report = SurgeryReport(step.row for step in plan)
+    _warn_and_check(selection, report, dense_names)
+    return report
 
-    all_linear = isinstance(target_modules, str) and target_modules == "all-linear"
-    head = _output_head(model, linear_names) if all_linear else None
-    if all_linear:
-        keys, match = [], lambda name: "all-linear"
-    else:
-        keys, match = _matcher(target_modules)
-    _, exclude = _matcher(exclude_modules)
 
-    counts = {}
-    for _, m in model.named_parameters(remove_duplicate=False):
-        counts[id(m)] = counts.get(id(m), 0) + 1
-    shared = {k for k, c in counts.items() if c > 1}
+@dataclass
+class _Step:
+    """One report row and, for a layer to replace, what replaces it:
+    ``make_linear(spec, d_in, d_out, **opts)``."""
 
-    report = SurgeryReport()
-    used_keys: set[str] = set()
-    used_overrides: set[str] = set()
-    for name in linear_names:
-        module = modules[name]
-        d_in, d_out = linear_dims(module)
-        ov = _override_for(name, overrides)
-        hit = match(name)
-        if hit is not None:
-            used_keys.add(hit)
-        if ov is not None:
-            used_overrides.add(ov[0])
+    row: SurgeryRow
+    module: nn.Module | None = None
+    spec: Any = None
+    opts: dict[str, Any] | None = None
+
+
+def _plan(
+    model: nn.Module,
+    selection: TargetSelection,
+    structure: type[StructuredLinear],
+    options: dict[str, Any],
+    overrides: Mapping[str, Any],
+    dry_run: bool,
+) -> list[_Step]:
+    """The report rows, in module order: every already structured layer, the kept head, and
+    every selected layer (replaced, dry-run or refused). Changes nothing."""
+    modules = dict(model.named_modules())
+    shared = _shared_weights(model)
+    plan = []
+    for decision in selection.decisions:
+        name, module = decision.name, modules[decision.name]
         if isinstance(module, StructuredLinear):
-            status = "already structured"
-            report.append(
-                SurgeryRow(
-                    name,
-                    module.structure,
-                    module.structure,
-                    module.num_params,
-                    module.num_params,
-                    module.macs(),
-                    module.macs(),
-                    status,
-                )
-            )
-            continue
-        excluded = exclude(name) is not None
-        if excluded or (ov is None and (hit is None or (all_linear and name == head))):
-            if all_linear and name == head and not excluded:
-                report.append(
-                    SurgeryRow(
-                        name,
-                        _describe_old(module),
-                        "-",
-                        _param_count(module),
-                        _param_count(module),
-                        d_in * d_out,
-                        d_in * d_out,
-                        "kept (head)",
-                    )
-                )
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        refusal = _refusal(name, module, parent, shared)
-        spec, opts = _resolve_spec(structure, options, ov[1] if ov else None)
-        weight = module.weight
-        new_desc = "-"
-        new_params = new_macs = 0
-        if refusal is None:
-            try:
-                probe = make_linear(
-                    spec,
-                    d_in,
-                    d_out,
-                    bias=module.bias is not None,
-                    device="meta",
-                    dtype=weight.dtype,
-                    **opts,
-                )
-                new_desc = _describe_new(probe)
-                new_params, new_macs = probe.num_params, probe.macs()
-            except ValueError as err:
-                refusal = f"refused: {err}"
-        if refusal is not None:
-            report.append(
-                SurgeryRow(
-                    name,
-                    _describe_old(module),
-                    new_desc,
-                    _param_count(module),
-                    _param_count(module),
-                    d_in * d_out,
-                    d_in * d_out,
-                    refusal,
-                )
-            )
-            continue
-        if not dry_run:
-            new = _build(module, spec, opts, init, d_in, d_out)
-            setattr(parent, child, new)
-        report.append(
-            SurgeryRow(
-                name,
-                _describe_old(module),
-                new_desc,
-                _param_count(module),
-                new_params,
-                d_in * d_out,
-                new_macs,
-                "dry-run" if dry_run else "replaced",
-            )
-        )
+            plan.append(_Step(_structured_row(name, module)))
+        elif decision.action == HEAD:
+            plan.append(_Step(_kept_row(name, module, "kept (head)")))
+        elif decision.action == REPLACE:
+            parent_name = name.rpartition(".")[0]
+            refusal = _refusal(module, modules[parent_name] if parent_name else model, shared)
+            override = None if decision.override is None else overrides[decision.override]
+            spec, opts = _resolve_spec(structure, options, override)
+            plan.append(_plan_replacement(name, module, spec, opts, refusal, dry_run))
+    return plan
 
-    for key in keys:
-        if key not in used_keys:
+
+def _plan_replacement(
+    name: str,
+    module: nn.Module,
+    spec: Any,
+    opts: dict[str, Any],
+    refusal: str | None,
+    dry_run: bool,
+) -> _Step:
+    """The row of a selected layer: refused, or the new layer's params and MACs, read off a
+    probe built on the meta device (no memory, no init)."""
+    if refusal is not None:
+        return _Step(_kept_row(name, module, refusal))
+    d_in, d_out = linear_dims(module)
+    bias = module.bias is not None
+    try:
+        probe = make_linear(
+            spec, d_in, d_out, bias=bias, device="meta", dtype=module.weight.dtype, **opts
+        )
+    except ValueError as err:
+        return _Step(_kept_row(name, module, f"refused: {err}"))
+    row = SurgeryRow(
+        name,
+        _describe_old(module),
+        _describe_new(probe),
+        _param_count(module),
+        probe.num_params,
+        d_in * d_out,
+        probe.macs(),
+        "dry-run" if dry_run else "replaced",
+    )
+    return _Step(row, module, spec, opts)
+
+
+def _structured_row(name: str, layer: StructuredLinear) -> SurgeryRow:
+    params, macs = layer.num_params, layer.macs()
+    s = layer.structure
+    return SurgeryRow(name, s, s, params, params, macs, macs, "already structured")
+
+
+def _kept_row(name: str, module: nn.Module, status: str) -> SurgeryRow:
+    """A layer that stays dense: the head, or a refusal."""
+    d_in, d_out = linear_dims(module)
+    params, macs = _param_count(module), d_in * d_out
+    return SurgeryRow(name, _describe_old(module), "-", params, params, macs, macs, status)
+
+
+def _replace(model: nn.Module, plan: list[_Step], init: str) -> None:
+    """Swap the planned structured layers into ``model``."""
+    for step in plan:
+        if step.module is None:
+            continue
+        parent_name, _, child = step.row.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        d_in, d_out = linear_dims(step.module)
+        setattr(parent, child, _build(step.module, step.spec, step.opts, init, d_in, d_out))
+
+
+def _warn_and_check(
+    selection: TargetSelection, report: SurgeryReport, dense_names: list[str]
+) -> None:
+    """Warn about patterns that matched nothing and layers kept dense; raise if the surgery
+    selected nothing at all."""
+    candidates = f"{dense_names[:20]}{' ...' if len(dense_names) > 20 else ''}"
+    for kind, keys in (
+        ("target", selection.unmatched_targets),
+        ("override", selection.unmatched_overrides),
+    ):
+        for key in keys:
             warnings.warn(
-                f"structurize: target pattern {key!r} matched no linear layer; candidates are "
-                f"{dense_names[:20]}{' ...' if len(dense_names) > 20 else ''}",
-                stacklevel=2,
-            )
-    for key in overrides:
-        if key not in used_overrides:
-            warnings.warn(
-                f"structurize: override pattern {key!r} matched no linear layer; candidates are "
-                f"{dense_names[:20]}{' ...' if len(dense_names) > 20 else ''}",
-                stacklevel=2,
+                f"structurize: {kind} pattern {key!r} matched no linear layer; candidates are "
+                f"{candidates}",
+                stacklevel=3,
             )
     if report.refused:
         warnings.warn(
             "structurize kept some layers dense:\n"
             + "\n".join(f"  {r.name}: {r.status}" for r in report.refused),
-            stacklevel=2,
+            stacklevel=3,
         )
     if not report.replaced and not any(r.status == "already structured" for r in report):
         raise ValueError(
             "structurize: no layer was selected, the model is unchanged; check target_modules / "
             f"exclude_modules. Linear layers in this model: {dense_names[:20]}"
         )
-    return report
 
 
 def _check_options(
@@ -381,7 +372,9 @@ def _check_options(
 
 
 def _param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    # A lazy layer's parameters have no size yet; it is refused and counted as 0.
+    lazy = nn.parameter.UninitializedParameter
+    return sum(p.numel() for p in module.parameters() if not isinstance(p, lazy))
 
 
 def _describe_new(layer: StructuredLinear) -> str:
