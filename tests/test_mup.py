@@ -28,28 +28,30 @@ BASE = mlp(64)
 
 @pytest.mark.parametrize(
     "width, fc1, fc2",
-    [(64, 4.0, 8.0), (1024, 1.0, 2.0), (4096, 0.5, 1.0)],  # reference notes §2.3 worked table
+    # rank-1 BTT: 2 factors of fan-in sqrt(d_in), so lr_mult = d_in_base / (2 * sqrt(d_in)),
+    # with d_in = w (fc1) or 4w (fc2) and the base at w = 64
+    [(64, 4.0, 8.0), (1024, 1.0, 2.0), (4096, 0.5, 1.0)],
 )
 def test_btt_factor_multipliers_match_the_papers_table(width, fc1, fc2):
     m = mults(mlp(width, "btt"), BASE)
-    assert m["blocks.0.fc1.cores.0"] == pytest.approx(fc1)
-    assert m["blocks.0.fc1.cores.1"] == pytest.approx(fc1)
-    assert m["blocks.0.fc2.cores.0"] == pytest.approx(fc2)
-    assert m["blocks.0.fc2.cores.1"] == pytest.approx(fc2)
+    assert m["blocks.0.fc1.weights.0"] == pytest.approx(fc1)
+    assert m["blocks.0.fc1.weights.1"] == pytest.approx(fc1)
+    assert m["blocks.0.fc2.weights.0"] == pytest.approx(fc2)
+    assert m["blocks.0.fc2.weights.1"] == pytest.approx(fc2)
 
 
 def test_multipliers_scale_with_width_as_the_formulas_say():
     widths = [64, 256, 1024]
-    btt = [mults(mlp(w, "btt"), BASE)["blocks.1.fc1.cores.0"] for w in widths]
+    btt = [mults(mlp(w, "btt"), BASE)["blocks.1.fc1.weights.0"] for w in widths]
     dense = [mults(mlp(w), BASE)["blocks.1.fc1.weight"] for w in widths]
-    naive = [mults(mlp(w, "btt"), BASE, lr_rule="dense")["blocks.1.fc1.cores.0"] for w in widths]
+    naive = [mults(mlp(w, "btt"), BASE, lr_rule="dense")["blocks.1.fc1.weights.0"] for w in widths]
     for a, b, wa, wb in zip(btt, btt[1:], widths, widths[1:], strict=False):
         assert a / b == pytest.approx(math.sqrt(wb / wa))  # BTT: 1/sqrt(width)
     for a, b, wa, wb in zip(dense, dense[1:], widths, widths[1:], strict=False):
         assert a / b == pytest.approx(wb / wa)  # dense: 1/width
     assert naive == pytest.approx(dense)  # naive rule: the dense multiplier for every factor
     # input layer fan-in is fixed: its multipliers do not change with width
-    inp = [mults(mlp(w, "btt"), BASE)["input_layer.cores.0"] for w in widths]
+    inp = [mults(mlp(w, "btt"), BASE)["input_layer.weights.0"] for w in widths]
     assert inp == pytest.approx([inp[0]] * 3)
 
 
@@ -58,11 +60,11 @@ def test_roles_vectors_weight_decay_and_extra_multipliers():
     infos = {
         i.name: i
         for i in mup.param_info(
-            model, base=BASE, weight_decay=0.1, multipliers={r"^input_layer\.cores": 0.1}
+            model, base=BASE, weight_decay=0.1, multipliers={r"^input_layer\.weights": 0.1}
         )
     }
-    assert infos["input_layer.cores.0"].role == "input"
-    assert infos["blocks.0.fc1.cores.0"].role == "hidden"
+    assert infos["input_layer.weights.0"].role == "input"
+    assert infos["blocks.0.fc1.weights.0"].role == "hidden"
     assert infos["head.weight"].role == "readout"
     assert infos["head.weight"].lr_mult == pytest.approx(64 / 256)
     assert infos["blocks.0.norm.weight"].role == "vector"
@@ -73,8 +75,8 @@ def test_roles_vectors_weight_decay_and_extra_multipliers():
         else:
             assert i.weight_decay == 0.1
     # input core 0: fan-in 64 of d_in 3072, two factors -> 3072 / 64 / 2 = 24, times 0.1
-    assert infos["input_layer.cores.0"].lr_mult == pytest.approx(2.4)
-    assert infos["input_layer.cores.0"].init_std == pytest.approx(math.sqrt(16) / 64)
+    assert infos["input_layer.weights.0"].lr_mult == pytest.approx(2.4)
+    assert infos["input_layer.weights.0"].init_std == pytest.approx(math.sqrt(16) / 64)
     with pytest.warns(UserWarning, match="matched no parameter"):
         mup.param_info(model, base=BASE, multipliers={"no_such_param": 2.0})
 
@@ -86,7 +88,7 @@ def test_sgd_rule():
     assert m["head.weight"] == pytest.approx(0.25)  # readout: 1/fan-in
     s = mults(mlp(256, "btt"), BASE, optimizer="sgd")
     # factor share: (fan_out/fan_in) / (d_out/d_in) / n_f; fc1 cores are 16 -> 32, layer 256 -> 1024
-    assert s["blocks.0.fc1.cores.0"] == pytest.approx(1.0 * (32 / 16) / (1024 / 256) / 2)
+    assert s["blocks.0.fc1.weights.0"] == pytest.approx(1.0 * (32 / 16) / (1024 / 256) / 2)
 
 
 def test_base_matching_by_name_and_mapping_equivalence():

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from structlin import make_linear, parse_spec
 from structlin.layers import BTTLinear, LowRankLinear
 from structlin.surgery import structurize
 from structlin.targets import EXCLUDED, HEAD, REPLACE, UNSELECTED, select_targets
@@ -40,7 +41,11 @@ def test_report_counts_and_table():
     assert row.params_after == 2 * (32 + 128) + 128
     assert row.macs_before == 32 * 128 and row.macs_after == 2 * (32 + 128)
     text = str(report)
-    assert "blocks.0.fc1" in text and "low_rank(rank=2)" in text and "replaced" in text
+    assert "blocks.0.fc1" in text and "low_rank:rank=2" in text and "replaced" in text
+    # the new column is the layer's spec: it builds the same layer again
+    assert parse_spec(row.new) == ("low_rank", {"rank": 2})
+    rebuilt = make_linear(row.new, 32, 128)
+    assert rebuilt.num_params == row.params_after and rebuilt.macs() == row.macs_after
     totals = report.totals()
     assert totals["layers"] == 5 and totals["macs_after"] < totals["macs_before"]
 

@@ -378,11 +378,8 @@ def _param_count(module: nn.Module) -> int:
 
 
 def _describe_new(layer: StructuredLinear) -> str:
-    text = layer.structure
-    opts = layer._options_repr()
-    if layer.norm is not None:
-        opts = f"{opts}, norm={layer.norm}" if opts else f"norm={layer.norm}"
-    return f"{text}({opts})" if opts else text
+    # The layer's spec string: parse_spec/make_linear read it back to the same layer.
+    return layer.spec
 
 
 @torch.no_grad()

@@ -47,12 +47,12 @@ class NaiveBTT(nn.Module):
 
     def __init__(self, layer: BTTLinear) -> None:
         super().__init__()
-        if len(layer.cores) != 2 or layer.in_padded != layer.in_features:
+        if layer.cores != 2 or layer.in_padded != layer.in_features:
             raise ValueError("NaiveBTT wraps an unpadded 2-core BTTLinear")
         self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w0, w1 = self.layer.cores
+        w0, w1 = self.layer.weights
         m1, h, m0 = w0.shape
         n0, n1, k = w1.shape
         r = h // n0

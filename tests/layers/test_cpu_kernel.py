@@ -120,16 +120,16 @@ def test_thread_count_does_not_change_results(monkeypatch, kernel_available):
 
 def test_layers_use_the_kernel_for_float32_only(monkeypatch, kernel_available):
     layer = make_linear("btt", 1024, 768, rank=1)
-    w0, w1 = layer.cores
+    w0, w1 = layer.weights
     x32 = torch.randn(3, 1024)
     assert cpu_jit.kernel_for(x32, w0, w1) is not None
     assert cpu_jit.kernel_for(x32.double(), w0.double(), w1.double()) is None
     assert cpu_jit.kernel_for(x32.bfloat16(), w0.bfloat16(), w1.bfloat16()) is None
     odd = make_linear("btt", 36, 36, rank=1)  # 6x6 blocks: not a multiple of 8
-    assert cpu_jit.kernel_for(torch.randn(2, 36), *odd.cores) is None
+    assert cpu_jit.kernel_for(torch.randn(2, 36), *odd.weights) is None
     for big in (make_linear("btt", 1024, 1024, rank=4), make_linear("btt", 4096, 4096, rank=1)):
         # rank 4, or 64x64 blocks: the torch.bmm path measured faster there
-        assert cpu_jit.kernel_for(torch.randn(2, big.in_features), *big.cores) is None
+        assert cpu_jit.kernel_for(torch.randn(2, big.in_features), *big.weights) is None
     assert cpu_jit.available()
     monkeypatch.setenv("STRUCTLIN_CPU_KERNEL", "0")
     assert cpu_jit.kernel_for(x32, w0, w1) is None
@@ -180,7 +180,7 @@ def test_flop_counting_sees_the_torch_ops(kernel_available):
 
     layer = make_linear("btt", 1024, 1024, rank=1)
     x = torch.randn(4, 1024)
-    assert cpu_jit.kernel_for(x, *layer.cores) is not None
+    assert cpu_jit.kernel_for(x, *layer.weights) is not None
     with FlopCounterMode(display=False) as counter:
         layer(x)
     assert counter.get_total_flops() == 2 * layer.macs(4)

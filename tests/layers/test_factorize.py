@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from structlin import balanced_factors
-from structlin.layers.factorize import FactorPlan, plan_factors
+from structlin.layers.factorize import FactorPlan, WidthPlan, plan_factors, plan_widths
 
 
 def _all_factorisations(n: int, c: int):
@@ -161,3 +161,30 @@ def test_plan_explicit_wrong_count():
 def test_balanced_factors_cache_is_consistent(n, c):
     assert balanced_factors(n, c) == balanced_factors(n, c)
     assert math.prod(balanced_factors(n, c)) == n
+
+
+@settings(max_examples=40, deadline=None)
+@given(d_in=st.integers(1, 300), d_out=st.integers(1, 300), cores=st.sampled_from([2, 3]))
+def test_plan_widths_is_plan_factors_on_both_widths(d_in, d_out, cores):
+    try:
+        expected = [plan_factors(d, cores) for d in (d_in, d_out)]
+    except ValueError:
+        with pytest.raises(ValueError, match="owner"):
+            plan_widths("owner", d_in, d_out, cores)
+        return
+    plan = plan_widths("owner", d_in, d_out, cores)
+    assert plan == WidthPlan(
+        cores, expected[0].factors, expected[1].factors, expected[0].padded, expected[1].padded
+    )
+    assert plan.in_padded >= d_in and plan.out_padded >= d_out
+
+
+def test_plan_widths_explicit_factors_and_errors():
+    plan = plan_widths("L", 768, 20, 2, in_factors=[32, 24], out_factors=(3, 7), pad_tolerance=0.1)
+    assert plan == WidthPlan(2, (32, 24), (3, 7), 768, 21)
+    for cores, needle in ((1, "at least 2, got 1"), (0, "positive integer, got 0"), (2.0, "2.0")):
+        with pytest.raises(ValueError, match=needle) as info:
+            plan_widths("MyLayer(8, 8)", 8, 8, cores)
+        assert str(info.value).startswith("MyLayer(8, 8): cores")
+    with pytest.raises(ValueError, match=r"MyLayer: .*out_features factors \(5, 5\)"):
+        plan_widths("MyLayer", 8, 20, 2, out_factors=(5, 5))

@@ -105,7 +105,7 @@ def test_kron_is_van_loan_pitsianis(d_in, d_out):
     torch.manual_seed(4)
     w = torch.randn(d_out, d_in, dtype=F64)
     layer = build("kron", d_in, d_out).from_dense(w)
-    a0, a1 = (layer.get_parameter(f"cores.{t}").detach() for t in range(2))
+    a0, a1 = (layer.get_parameter(f"weights.{t}").detach() for t in range(2))
     torch.testing.assert_close(layer.to_dense(), torch.kron(a0, a1), rtol=1e-10, atol=1e-10)
     err = torch.linalg.matrix_norm(w - layer.to_dense())
     expected = _vlp_error(w, layer.in_factors, layer.out_factors)

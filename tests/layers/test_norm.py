@@ -24,7 +24,7 @@ def test_clamp_caps_factor_rms_at_init_and_leaves_smaller_factors(name):
         if len(factors) > 1:
             factors[-1].tensor.mul_(0.5)
         layer.gammas[0].fill_(2.0)
-    used = layer._weights()
+    used = layer._forward_weights()
     f0, fl = factors[0], factors[-1]
     assert _rms(used[0]) == pytest.approx(2.0 * mup_init_std(f0.fan_in, f0.fan_out), rel=1e-6)
     if len(factors) > 1:
@@ -61,7 +61,7 @@ def test_norm_gradients_flow_to_factors_and_gammas():
     torch.manual_seed(0)
     layer = sl.make_linear("btt", 64, 64, norm="rms_clamp", dtype=torch.float64)
     with torch.no_grad():
-        layer.cores[0].mul_(5.0)  # clamped: gradient goes through the RMS as well
+        layer.weights[0].mul_(5.0)  # clamped: gradient goes through the RMS as well
     x = torch.randn(4, 64, dtype=torch.float64)
     layer(x).square().sum().backward()
     assert all(
@@ -71,7 +71,7 @@ def test_norm_gradients_flow_to_factors_and_gammas():
     )
     small = sl.make_linear("btt", 16, 16, norm="rms_clamp", dtype=torch.float64)
     with torch.no_grad():
-        small.cores[0].mul_(4.0)
+        small.weights[0].mul_(4.0)
     params = {k: v.detach().clone().requires_grad_() for k, v in small.named_parameters()}
     names = list(params)
 
@@ -89,7 +89,7 @@ def test_norm_zero_init_last_and_from_dense():
     assert torch.count_nonzero(layer.to_dense()) == 0
     target = sl.make_linear("btt", 64, 64, dtype=torch.float64)
     with torch.no_grad():
-        target.cores[0].mul_(7.0)  # well above the init RMS
+        target.weights[0].mul_(7.0)  # well above the init RMS
     layer.from_dense(target.to_dense())
     assert torch.allclose(layer.to_dense(), target.to_dense(), atol=1e-10)
 
@@ -117,7 +117,7 @@ def test_rms_ratios_are_one_at_init_and_follow_the_stored_factors(name):
         layer.factors()[0].tensor.mul_(3.0)
     assert layer.rms_ratios()[0].item() == pytest.approx(3.0 * ratios[0], rel=1e-4)  # eps
     # The clamp divides by exactly this ratio, so the used factor is back at its init RMS.
-    used = layer._weights()[0]
+    used = layer._forward_weights()[0]
     f0 = layer.factors()[0]
     assert _rms(used) == pytest.approx(mup_init_std(f0.fan_in, f0.fan_out), rel=1e-4)
     layer.reset_parameters(zero_init_last=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ from structlin import (
     register_structure,
 )
 from structlin.layers import registry
+from structlin.layers.spec import format_spec
 
 BUILTIN = {
     "dense": DenseLinear,
@@ -109,6 +112,28 @@ def test_parse_spec_values():
     }
     assert parse_spec("dense") == ("dense", {})
     assert parse_spec("dense:") == ("dense", {})
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"rank": 4, "in_factors": (24, 32), "out_factors": (2, 3, 4)},
+        {"pad_tolerance": 0.25, "norm": "rms_clamp", "learn_gamma": False},
+        {"pad_tolerance": math.inf, "x": None, "one": (5,), "s": "true", "t": "24x32"},
+    ],
+)
+def test_format_spec_is_read_back_by_parse_spec(options):
+    text = format_spec("btt", options)
+    assert parse_spec(text) == ("btt", options)
+    assert text == "btt" if not options else text.startswith("btt:")
+
+
+def test_format_spec_writes_tuples_and_strings_compactly():
+    assert format_spec("tt", {"in_factors": (24, 32), "norm": "rms_clamp"}) == (
+        "tt:in_factors=24x32,norm=rms_clamp"
+    )
+    assert format_spec("x", {"s": "none"}) == "x:s='none'"  # quoted: bare would read as None
 
 
 @pytest.mark.parametrize("spec", ["", "   ", "btt:rank", "btt:=3", "btt:rank=2,,=1"])

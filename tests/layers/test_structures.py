@@ -47,7 +47,7 @@ def test_block_diag_to_dense(d_in, d_out, blocks):
 @pytest.mark.parametrize(("d_in", "d_out"), [(12, 20), (7, 13), (6, 35)])
 def test_kron2_to_dense_is_torch_kron(d_in, d_out):
     layer = build("kron", d_in, d_out)
-    a0, a1 = _w(layer, "cores.0"), _w(layer, "cores.1")
+    a0, a1 = _w(layer, "weights.0"), _w(layer, "weights.1")
     assert (a0.shape[1] * a1.shape[1], a0.shape[0] * a1.shape[0]) == (
         layer.in_padded,
         layer.out_padded,
@@ -57,7 +57,7 @@ def test_kron2_to_dense_is_torch_kron(d_in, d_out):
 
 def test_kron3_to_dense_is_torch_kron():
     layer = build("kron", 8, 27, {"cores": 3})
-    a0, a1, a2 = (_w(layer, f"cores.{t}") for t in range(3))
+    a0, a1, a2 = (_w(layer, f"weights.{t}") for t in range(3))
     assert a0.shape == a1.shape == a2.shape == (3, 2)
     expected = torch.kron(torch.kron(a0, a1), a2)
     torch.testing.assert_close(layer.to_dense(), expected, **TIGHT)
@@ -68,8 +68,8 @@ def test_tt2_to_dense_formula(d_in, d_out, rank):
     layer = build("tt", d_in, d_out, {"rank": rank})
     (m0, m1), (n0, n1) = layer.in_factors, layer.out_factors
     # stored as (n_t r_{t+1}, r_t m_t)
-    g0 = _w(layer, "cores.0").view(n0, rank, 1, m0)
-    g1 = _w(layer, "cores.1").view(n1, 1, rank, m1)
+    g0 = _w(layer, "weights.0").view(n0, rank, 1, m0)
+    g1 = _w(layer, "weights.1").view(n1, 1, rank, m1)
     w = torch.einsum("jrc,kra->jkca", g0[:, :, 0], g1[:, 0])  # j0, j1, i0, i1
     torch.testing.assert_close(layer.to_dense(), w.reshape(n0 * n1, m0 * m1), **TIGHT)
 
@@ -77,7 +77,7 @@ def test_tt2_to_dense_formula(d_in, d_out, rank):
 def _btt2_closed_form(layer, x):
     """y[j0,j1] = sum_{i1,rho} W1[j0,j1,rho*m1+i1] sum_{i0} W0[i1, j0*r+rho, i0] x[i1*m0+i0]."""
     (m1, m0), (n0, n1), r = layer.in_factors, layer.out_factors, layer.rank
-    w0, w1 = _w(layer, "cores.0"), _w(layer, "cores.1")
+    w0, w1 = _w(layer, "weights.0"), _w(layer, "weights.1")
     assert w0.shape == (m1, n0 * r, m0) and w1.shape == (n0, n1, r * m1)
     xp = torch.nn.functional.pad(x, (0, layer.in_padded - x.shape[-1]))
     y = torch.zeros(x.shape[0], n0 * n1, dtype=x.dtype)
@@ -114,9 +114,9 @@ def test_btt2_closed_form(d_in, d_out, opts):
 def test_btt3_to_dense_einsum():
     layer = build("btt", 8, 27, {"cores": 3, "rank": 2}, bias=False)
     (m2, m1, m0), (n0, n1, n2), r = layer.in_factors, layer.out_factors, layer.rank
-    g0 = _w(layer, "cores.0").view(m2, m1, n0, r, m0)  # batch (i2, i1)
-    g1 = _w(layer, "cores.1").view(n0, m2, n1, r, r, m1)  # batch (j0, i2); in (p, i1)
-    g2 = _w(layer, "cores.2").view(n0, n1, n2, r, m2)  # batch (j0, j1); in (q, i2)
+    g0 = _w(layer, "weights.0").view(m2, m1, n0, r, m0)  # batch (i2, i1)
+    g1 = _w(layer, "weights.1").view(n0, m2, n1, r, r, m1)  # batch (j0, i2); in (p, i1)
+    g2 = _w(layer, "weights.2").view(n0, n1, n2, r, m2)  # batch (j0, j1); in (q, i2)
     w = torch.einsum("abjpc,jakqpb,jklqa->jklabc", g0, g1, g2)
     torch.testing.assert_close(layer.to_dense(), w.reshape(n0 * n1 * n2, m2 * m1 * m0), **TIGHT)
 
@@ -127,7 +127,7 @@ def test_monarch_is_block_diag_permute_block_diag(d_in, d_out, blocks):
     b = blocks
     in_blk, out_blk = math.ceil(d_in / b), math.ceil(d_out / b)
     h = b * math.ceil(min(in_blk, out_blk) / b)
-    left, right = _w(layer, "cores.0"), _w(layer, "cores.1")
+    left, right = _w(layer, "weights.0"), _w(layer, "weights.1")
     assert left.shape == (b, h, in_blk) and right.shape == (b, out_blk, h)
     r = h // b
     # hidden index after L: (i1, j0, rho); R's block j0 reads (rho, i1)

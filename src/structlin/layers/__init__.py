@@ -4,7 +4,7 @@ from .base import Factor, StructuredLinear, mup_init_std
 from .block_diag import BlockDiagLinear
 from .btt import BTTLinear
 from .dense import DenseLinear
-from .factorize import balanced_factors, plan_factors
+from .factorize import WidthPlan, balanced_factors, plan_factors, plan_widths
 from .kron import KronLinear
 from .low_rank import LowRankLinear
 from .monarch import MonarchLinear
@@ -16,6 +16,7 @@ from .registry import (
     register_structure,
     structure_options,
 )
+from .spec import format_spec
 from .tt import TTLinear
 
 __all__ = [
@@ -28,13 +29,16 @@ __all__ = [
     "MonarchLinear",
     "StructuredLinear",
     "TTLinear",
+    "WidthPlan",
     "balanced_factors",
+    "format_spec",
     "get_structure",
     "list_structures",
     "make_linear",
     "mup_init_std",
     "parse_spec",
     "plan_factors",
+    "plan_widths",
     "register_structure",
     "structure_options",
 ]

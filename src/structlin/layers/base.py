@@ -9,10 +9,11 @@ Conventions shared by all structures:
 
 * Every factor is stored as ``(*batch, fan_out, fan_in)``, the layout of ``nn.Linear.weight``
   with optional leading batch dimensions (one dense block per batch index).
-* FLOPs are **multiply-accumulates (MACs) of the forward pass**, one per fused multiply-add, the
-  convention of fvcore and of the paper's FLOP axes. ``torch.utils.flop_counter.FlopCounterMode``
-  counts 2 per MAC, so its total is ``2 * layer.macs(batch)``. The bias addition, padding and
-  reshapes are not counted; computations on zero-padded rows and columns are.
+* Compute is counted in **multiply-accumulates (MACs) of the forward pass** (``layer.macs()``),
+  one per fused multiply-add, the convention of fvcore and of the paper's FLOP axes.
+  ``torch.utils.flop_counter.FlopCounterMode`` counts 2 FLOPs per MAC, so its total is
+  ``2 * layer.macs(batch)``. The bias addition, padding and reshapes are not counted;
+  computations on zero-padded rows and columns are.
 * ``factors()`` is the single source of per-factor metadata. Nothing is stored on tensors.
 * Widths that do not factorise well are zero-padded to ``in_padded`` / ``out_padded``; the input
   is zero-padded on the right and the output truncated, so padding never changes the function's
@@ -21,14 +22,18 @@ Conventions shared by all structures:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from typing import ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..options import check_positive_int
+from .spec import format_spec
 
 __all__ = ["NORMS", "Factor", "StructuredLinear", "mup_init_std"]
 
@@ -57,13 +62,24 @@ def mup_init_std(fan_in: int, fan_out: int) -> float:
     """Spectral μP init std ``sqrt(min(fan_in, fan_out)) / fan_in``.
 
     A Gaussian ``fan_out x fan_in`` matrix with this std has spectral norm
-    ``Θ(sqrt(fan_out / fan_in))``, the μP target (Yang et al.; reference §2.1).
+    ``Θ(sqrt(fan_out / fan_in))``, the μP target of Yang, Simon & Bernstein ("A Spectral
+    Condition for Feature Learning", 2023), which Qiu et al. (ICML 2024) apply to every factor of
+    a structured layer.
+
+    Examples::
+
+        >>> mup_init_std(256, 64)  # sqrt(64) / 256
+        0.03125
     """
     return math.sqrt(min(fan_in, fan_out)) / fan_in
 
 
 def _rms_ratio(f: Factor) -> torch.Tensor:
     return f.tensor.square().mean().add(_NORM_EPS).sqrt() / mup_init_std(f.fan_in, f.fan_out)
+
+
+#: Stands in for ``torch.autocast(..., enabled=False)`` when autocast is off: nothing to change.
+_SAME_AUTOCAST = contextlib.nullcontext()
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -73,33 +89,86 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
+def _finishing(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a subclass ``__init__`` so that ``_finish`` runs after the outermost one returns.
+
+    A nested ``super().__init__`` call finds that ``type(self).__init__`` is another class's
+    wrapper and leaves the finishing to that one, so it runs exactly once per construction.
+    """
+
+    @functools.wraps(init)
+    def __init__(self: StructuredLinear, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if type(self).__init__ is __init__:
+            self._finish()
+
+    return __init__
+
+
 class StructuredLinear(nn.Module):
     """Base class of all structured layers: ``y = x W^T + b`` with ``W`` implicit.
 
-    Subclasses create their factors in ``__init__`` (after calling ``super().__init__`` and
-    setting ``in_padded`` / ``out_padded`` when they pad; ``self._factory`` holds the device and
-    dtype), then call ``self._finish_init()``, and implement:
+    **Writing a structure.** A subclass's ``__init__`` calls ``super().__init__(in_features,
+    out_features, bias, **kwargs)``, sets ``in_padded`` / ``out_padded`` if it zero-pads, and
+    creates its factors as ``nn.Parameter`` attributes (``self.factory_kwargs`` holds the device
+    and dtype). It implements
 
-    * ``_factor_fans()``: ``[(param_name, fan_in, fan_out), ...]`` in forward order; the last entry
-      is the factor closest to the output (the one zeroed by ``zero_init_last``);
-    * ``_reference_matmul(x, weights)``: plain einsum/matmul path on ``(N, in_padded)`` inputs;
-    * optionally ``_matmul(x, weights)``: a faster path (defaults to the reference);
-    * optionally ``_macs_per_example()`` (defaults to the factors' element count, correct for
-      every structure without weight sharing) and ``_from_dense_padded(W)``.
+    * ``_factor_fans() -> [(param_name, fan_in, fan_out), ...]``, one entry per factor in forward
+      order; the last entry is the factor closest to the output (zeroed by ``zero_init_last``);
+    * ``_reference_matmul(x, weights) -> y``, ``(N, in_padded) -> (N, out_padded)`` with plain
+      torch ops, ``weights`` being the factor tensors in ``_factor_fans`` order (weight-normalised,
+      and cast under autocast);
+    * ``options() -> dict``, its own options merged with ``super().options()``;
+
+    and optionally ``_fast_matmul(x, weights, bias)`` (a faster kernel that also adds ``bias``,
+    which is None when the output is truncated), ``_macs_per_example()`` (defaults to the
+    factors' element count, right whenever no weight is shared) and ``_from_dense_padded(W)``.
+
+    There is no finishing step to remember: when the outermost ``__init__`` returns, the base
+    class checks every factor against ``_factor_fans``, creates the gains of ``norm`` and calls
+    :meth:`reset_parameters`, exactly once. Decorate the class with
+    :func:`structlin.register_structure` to build it by name with ``make_linear``.
 
     Args:
         in_features: size of each input sample.
         out_features: size of each output sample.
         bias: learn an additive bias (initialised to zero, as μP prescribes).
-        norm: ``None`` or ``"rms_clamp"``: weight normalisation of every factor (Qiu et al. §3).
-            Each factor ``W_t`` is used as ``gamma_t * W_t / max(1, rms(W_t) / sigma_t)`` with
-            ``sigma_t`` its μP init std: a factor's RMS may shrink freely but never exceed its
-            init value. The stored parameter is unchanged; the clamp lives in the forward graph.
-            Costs ``O(params)`` per forward, independent of the batch, so FLOPs are unchanged.
+        norm: ``None`` or ``"rms_clamp"``: weight normalisation of every factor (Qiu et al., ICML
+            2024, §3). Each factor ``W_t`` is used as ``gamma_t * W_t / max(1, rms(W_t) /
+            sigma_t)`` with ``sigma_t`` its μP init std: a factor's RMS may shrink freely but never
+            exceed its init value. The stored parameter is unchanged; the clamp lives in the
+            forward graph. Costs ``O(params)`` per forward, independent of the batch, so MACs are
+            unchanged.
         learn_gamma: with ``norm``, learn one scalar gain ``gamma_t`` per factor (init 1,
             parameters ``gammas.t``). Use False for Q/K projections under QK-LayerNorm, where the
             scale is irrelevant.
         device, dtype: factory kwargs for the parameters, as in ``nn.Linear``.
+
+    Shape:
+        - Input: ``(*, H_in)`` where ``*`` means any number of dimensions (none included) and
+          ``H_in = in_features``.
+        - Output: ``(*, H_out)`` where all but the last dimension are the same shape as the input
+          and ``H_out = out_features``.
+
+    Examples::
+
+        >>> class TwoFactor(StructuredLinear):  # W = B A, A: (r, d_in), B: (d_out, r)
+        ...     def __init__(self, in_features, out_features, bias=True, *, rank=2, **kwargs):
+        ...         super().__init__(in_features, out_features, bias, **kwargs)
+        ...         self.rank = rank
+        ...         self.A = nn.Parameter(torch.empty(rank, in_features, **self.factory_kwargs))
+        ...         self.B = nn.Parameter(torch.empty(out_features, rank, **self.factory_kwargs))
+        ...     def _factor_fans(self):
+        ...         return [("A", self.in_features, self.rank), ("B", self.rank, self.out_features)]
+        ...     def _reference_matmul(self, x, weights):
+        ...         return x @ weights[0].T @ weights[1].T
+        ...     def options(self):
+        ...         return {"rank": self.rank, **super().options()}
+        >>> layer = TwoFactor(64, 32, rank=4)
+        >>> layer(torch.randn(10, 64)).shape, layer.macs(), layer.options()
+        (torch.Size([10, 32]), 384, {'rank': 4})
+        >>> [(f.name, f.fan_in, f.fan_out) for f in layer.factors()]
+        [('A', 64, 4), ('B', 4, 32)]
     """
 
     #: Registry name, set by :func:`structlin.register_structure`.
@@ -133,23 +202,60 @@ class StructuredLinear(nn.Module):
             raise ValueError(f"{owner}: norm must be None or one of {NORMS}, got {norm!r}")
         self.norm = norm
         self.learn_gamma = bool(learn_gamma)
-        self._factory = {"device": device, "dtype": dtype}
+        #: Device and dtype for the factors a subclass creates; removed once construction ends.
+        self.factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _finishing(cls.__dict__["__init__"])
+
+    def _finish(self) -> None:
+        """Check the factors, create the norm gains, initialise. Runs once, after ``__init__``."""
+        cls = type(self)
+        for method in ("_factor_fans", "_reference_matmul"):
+            if getattr(cls, method) is getattr(StructuredLinear, method):
+                raise TypeError(f"{cls.__name__} must implement {method}() (see StructuredLinear)")
+        # Fans are fixed once the factors exist; plain Python data, cached to keep forward lean.
+        self._fans = tuple(self._factor_fans())
+        self._paths = tuple(tuple(name.split(".")) for name, _, _ in self._fans)
+        for name, fan_in, fan_out in self._fans:
+            t = self.get_parameter(name)  # AttributeError names a factor that does not exist
+            if t.dim() < 2 or tuple(t.shape[-2:]) != (fan_out, fan_in):
+                raise TypeError(
+                    f"{cls.__name__}: factor {name!r} has shape {tuple(t.shape)}, but "
+                    f"_factor_fans() gives fan_out x fan_in = {fan_out} x {fan_in}; factors are "
+                    f"stored as (*batch, fan_out, fan_in)"
+                )
+        factory = self.__dict__.pop("factory_kwargs")
+        if self.norm is not None and self.learn_gamma:
+            self.gammas = nn.ParameterList(
+                nn.Parameter(torch.ones((), **factory)) for _ in self._fans
+            )
+        else:
+            self.gammas = None
+        self.reset_parameters()
+
     # ------------------------------------------------------------------ to implement
     def _factor_fans(self) -> list[tuple[str, int, int]]:
+        """``[(param_name, fan_in, fan_out), ...]`` of the factors, in forward order."""
         raise NotImplementedError
 
     def _reference_matmul(self, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        """``(N, in_padded) -> (N, out_padded)`` with plain torch ops (no bias)."""
         raise NotImplementedError
 
-    def _matmul(
+    def _fast_matmul(
         self, x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None
     ) -> torch.Tensor:
-        """Fast path; ``bias`` is given only when the output is not padded, so it may be fused."""
+        """``_reference_matmul(x, weights) + bias`` by the fastest kernel the structure has.
+
+        ``bias`` is None when the output is truncated (the bias is then added after truncation).
+        Default: the reference path, then the bias."""
         y = self._reference_matmul(x, weights)
         return y if bias is None else y + bias
 
@@ -159,47 +265,30 @@ class StructuredLinear(nn.Module):
     def _from_dense_padded(self, weight: torch.Tensor) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not implement from_dense")
 
-    def _options_repr(self) -> str:
-        return ""
+    def options(self) -> dict[str, Any]:
+        """The options that rebuild an equal layer (same structure, factor shapes and norm).
 
-    def _finish_init(self) -> None:
-        """Create the weight-norm gains (if any) and initialise; call at the end of ``__init__``."""
-        # Fans are fixed once the factors exist; plain Python data, cached to keep forward lean.
-        self._fans = tuple(self._factor_fans())
-        self._paths = tuple(tuple(name.split(".")) for name, _, _ in self._fans)
-        if self.norm is not None and self.learn_gamma:
-            self.gammas = nn.ParameterList(
-                nn.Parameter(torch.ones((), **self._factory)) for _ in self._factor_fans()
+        ``make_linear(self.structure, in_features, out_features, bias=..., **self.options())``
+        builds a layer with the same factor shapes. Each structure returns its own options
+        followed by these common ones: ``norm`` when set, ``learn_gamma`` when False.
+        """
+        opts: dict[str, Any] = {}
+        if self.norm is not None:
+            opts["norm"] = self.norm
+        if not self.learn_gamma:
+            opts["learn_gamma"] = False
+        return opts
+
+    @property
+    def spec(self) -> str:
+        """The spec string of this layer: ``parse_spec(layer.spec) == (layer.structure,
+        layer.options())`` and ``make_linear(layer.spec, d_in, d_out, bias=...)`` rebuilds it."""
+        if not self.structure:
+            raise ValueError(
+                f"{type(self).__name__} is not registered (see register_structure), so it has "
+                f"no spec; build it from its class and options() instead"
             )
-        else:
-            self.gammas = None
-        self.reset_parameters()
-
-    def _plan_widths(
-        self,
-        cores: int,
-        in_factors: tuple[int, ...] | None,
-        out_factors: tuple[int, ...] | None,
-        pad_tolerance: float,
-    ) -> int:
-        """Factorise both widths into ``cores`` factors (zero-padding if needed); sets
-        ``in_factors``, ``out_factors``, ``in_padded``, ``out_padded``. Returns ``cores``."""
-        from .factorize import plan_factors
-
-        name = self._name()
-        cores = check_positive_int(name, "cores", cores)
-        if cores < 2:
-            raise ValueError(f"{name}: cores must be at least 2, got {cores}")
-        plans = [
-            plan_factors(size, cores, factors, pad_tolerance=pad_tolerance, what=what, owner=name)
-            for size, factors, what in (
-                (self.in_features, in_factors, "in_features"),
-                (self.out_features, out_factors, "out_features"),
-            )
-        ]
-        self.in_factors, self.out_factors = plans[0].factors, plans[1].factors
-        self.in_padded, self.out_padded = plans[0].padded, plans[1].padded
-        return cores
+        return format_spec(self.structure, self.options())
 
     # ------------------------------------------------------------------ factors and init
     def factors(self) -> list[Factor]:
@@ -220,7 +309,7 @@ class StructuredLinear(nn.Module):
             out.append(obj)
         return out
 
-    def _weights(self) -> list[torch.Tensor]:
+    def _forward_weights(self) -> list[torch.Tensor]:
         """The factor tensors the forward pass uses, in forward order (weight-normalised)."""
         if self.norm is None:
             return self._tensors()
@@ -263,75 +352,66 @@ class StructuredLinear(nn.Module):
                 gamma.fill_(1.0)
 
     # ------------------------------------------------------------------ forward
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _input_error(self, x: Any) -> ValueError:
+        """The error for an input ``forward`` refuses (checked inline there, to keep it lean)."""
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{self._name()}: expected a torch.Tensor input, got {type(x)}")
+            return ValueError(f"{self._name()}: expected a torch.Tensor input, got {type(x)}")
         if not x.is_floating_point():
-            raise ValueError(
+            return ValueError(
                 f"{self._name()}: expected a floating-point input, got dtype {x.dtype}; "
                 f"convert it first, e.g. x.float()"
             )
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{self._name()}: expected input of shape (..., {self.in_features}), "
-                f"got {tuple(x.shape)}"
-            )
+        return ValueError(
+            f"{self._name()}: expected input of shape (..., {self.in_features}), "
+            f"got {tuple(x.shape)}"
+        )
 
     def _name(self) -> str:
         cls = type(self).__name__
         return f"{cls}(in_features={self.in_features}, out_features={self.out_features})"
 
-    def _run(self, x: torch.Tensor, reference: bool) -> torch.Tensor:
-        self._check_input(x)
-        lead = x.shape[:-1]
-        weights = self._weights()
-        bias = self.bias
-        device_type = x.device.type
-        if _autocast_enabled(device_type):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``y = x W^T + b`` for ``x`` of shape ``(*, in_features)``; ``W`` is never formed."""
+        return self._forward(x, reference=False)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`forward` through ``_reference_matmul``, the plain matmul path (for
+        tests, and for MAC counting with ``FlopCounterMode``, which must see every product)."""
+        return self._forward(x, reference=True)
+
+    def _forward(self, x: torch.Tensor, reference: bool) -> torch.Tensor:
+        """The whole forward pass: cast, flatten to ``(N, in_features)``, zero-pad, matmul,
+        truncate, add the bias, restore the leading dimensions."""
+        ok = isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 0
+        if not (ok and x.shape[-1] == self.in_features):
+            raise self._input_error(x)
+        weights, bias = self._forward_weights(), self.bias
+        device = x.device.type
+        autocast = _autocast_enabled(device)
+        if autocast:
             # Cast like nn.Linear does under autocast, then run the kernels with autocast off so a
             # custom backward sees the same dtypes as its forward.
-            dtype = torch.get_autocast_dtype(device_type)
-            x = x.to(dtype)
-            weights = [w.to(dtype) for w in weights]
+            dtype = torch.get_autocast_dtype(device)
+            x, weights = x.to(dtype), [w.to(dtype) for w in weights]
             bias = bias.to(dtype) if bias is not None else None
-            with torch.autocast(device_type, enabled=False):
-                return self._run_cast(x, weights, bias, lead, reference)
-        return self._run_cast(x, weights, bias, lead, reference)
-
-    def _run_cast(
-        self,
-        x: torch.Tensor,
-        weights: list[torch.Tensor],
-        bias: torch.Tensor | None,
-        lead: torch.Size,
-        reference: bool,
-    ) -> torch.Tensor:
-        flat = x.dim() != 2
-        if flat:  # 2-D inputs skip the reshapes (and their autograd nodes)
+        lead = x.shape[:-1]
+        flat = x.dim() != 2  # 2-D inputs skip the reshapes (and their autograd nodes)
+        if flat:
             x = x.reshape(math.prod(lead), self.in_features)
         if self.in_padded != self.in_features:
             x = F.pad(x, (0, self.in_padded - self.in_features))
-        padded_out = self.out_padded != self.out_features
-        if reference:
-            y = self._reference_matmul(x, weights)
-        else:
-            y = self._matmul(x, weights, None if padded_out else bias)
-            if not padded_out:
-                bias = None  # already added
-        if padded_out:
-            y = y[:, : self.out_features]
-        if bias is not None:
-            y = y + bias
+        truncate = self.out_padded != self.out_features
+        with torch.autocast(device, enabled=False) if autocast else _SAME_AUTOCAST:
+            if reference:
+                y = self._reference_matmul(x, weights)
+            else:  # the bias is fused into the fast kernel unless the output is truncated
+                y = self._fast_matmul(x, weights, None if truncate else bias)
+                bias = bias if truncate else None
+            if truncate:
+                y = y[:, : self.out_features]
+            if bias is not None:
+                y = y + bias
         return y.reshape(*lead, self.out_features) if flat else y
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``y = x W^T + b`` for ``x`` of shape ``(..., in_features)``; ``W`` is never formed."""
-        return self._run(x, reference=False)
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Same as :meth:`forward` through the plain einsum/matmul path (for tests and FLOP
-        counting with ``FlopCounterMode``)."""
-        return self._run(x, reference=True)
 
     # ------------------------------------------------------------------ dense conversion
     def to_dense(self) -> torch.Tensor:
@@ -339,7 +419,7 @@ class StructuredLinear(nn.Module):
         return self._dense_padded()[: self.out_features, : self.in_features]
 
     def _dense_padded(self) -> torch.Tensor:
-        weights = self._weights()
+        weights = self._forward_weights()
         ref = weights[0]
         eye = torch.eye(self.in_padded, device=ref.device, dtype=ref.dtype)
         return self._reference_matmul(eye, weights).T
@@ -373,7 +453,7 @@ class StructuredLinear(nn.Module):
                     f"{self._name()}.from_dense: expected a bias of shape ({self.out_features},), "
                     f"got {tuple(bias.shape)}"
                 )
-        ref = self._weights()[0]
+        ref = self._forward_weights()[0]
         w = weight.detach().to(device=ref.device, dtype=torch.float64)
         w = F.pad(w, (0, self.in_padded - self.in_features, 0, self.out_padded - self.out_features))
         self._from_dense_padded(w)
@@ -446,11 +526,7 @@ class StructuredLinear(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}"]
         parts.append(f"bias={self.bias is not None}")
-        opts = self._options_repr()
-        if opts:
-            parts.append(opts)
-        if self.norm is not None:
-            parts.append(f"norm={self.norm!r}, learn_gamma={self.learn_gamma}")
+        parts += [f"{key}={value!r}" for key, value in self.options().items()]
         if (self.in_padded, self.out_padded) != (self.in_features, self.out_features):
             parts.append(f"padded=({self.in_padded}, {self.out_padded})")
         shapes = ", ".join(f"{f.name}{tuple(f.tensor.shape)}" for f in self.factors())

@@ -26,7 +26,24 @@ class BlockDiagLinear(StructuredLinear):
         blocks: ``b``, at most ``min(d_in, d_out)``. Default 4.
 
     Factors: ``weight`` ``(b, out_blk, in_blk)``, fan-in ``in_blk``, fan-out ``out_blk``.
-    Params = FLOPs = ``b * in_blk * out_blk`` (about ``d_in d_out / b``).
+    Params = MACs per example = ``b * in_blk * out_blk`` (about ``d_in d_out / b``).
+
+    Shape:
+        - Input: ``(*, H_in)`` with ``H_in = in_features``.
+        - Output: ``(*, H_out)`` with ``H_out = out_features``.
+
+    Examples::
+
+        >>> layer = BlockDiagLinear(96, 64, blocks=4)
+        >>> layer(torch.randn(5, 96)).shape
+        torch.Size([5, 64])
+        >>> layer.weight.shape, layer.macs(), layer.spec  # 4 blocks of 16 x 24
+        (torch.Size([4, 16, 24]), 1536, 'block_diag:blocks=4')
+        >>> w = layer.to_dense()
+        >>> bool(w[:16, 24:].eq(0).all())  # output block 0 sees only input block 0
+        True
+        >>> BlockDiagLinear(10, 10, blocks=4).in_padded  # widths padded to 4 * ceil(10 / 4)
+        12
     """
 
     def __init__(
@@ -50,8 +67,8 @@ class BlockDiagLinear(StructuredLinear):
         self.out_blk = math.ceil(out_features / blocks)
         self.in_padded = blocks * self.in_blk
         self.out_padded = blocks * self.out_blk
-        self.weight = nn.Parameter(torch.empty(blocks, self.out_blk, self.in_blk, **self._factory))
-        self._finish_init()
+        shape = (blocks, self.out_blk, self.in_blk)
+        self.weight = nn.Parameter(torch.empty(shape, **self.factory_kwargs))
 
     def _factor_fans(self) -> list[tuple[str, int, int]]:
         return [("weight", self.in_blk, self.out_blk)]
@@ -68,5 +85,5 @@ class BlockDiagLinear(StructuredLinear):
         w = weight.view(self.blocks, self.out_blk, self.blocks, self.in_blk)
         self.weight.copy_(torch.diagonal(w, dim1=0, dim2=2).permute(2, 0, 1))
 
-    def _options_repr(self) -> str:
-        return f"blocks={self.blocks}"
+    def options(self) -> dict[str, Any]:
+        return {"blocks": self.blocks, **super().options()}

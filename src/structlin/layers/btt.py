@@ -11,7 +11,7 @@ from torch import nn
 from ..kernels.btt import btt2_matmul, btt_chain_matmul
 from ..options import check_positive_int
 from .base import StructuredLinear
-from .factorize import DEFAULT_PAD_TOLERANCE
+from .factorize import DEFAULT_PAD_TOLERANCE, plan_widths
 from .registry import register_structure
 
 __all__ = ["BTTLinear"]
@@ -35,7 +35,7 @@ class BTTLinear(StructuredLinear):
     i.e. block-diagonal, permute, block-diagonal: with ``r = 1`` and ``m = n = sqrt(d)`` this is a
     Monarch matrix with ``sqrt(d)`` blocks; it is full rank for any ``r``.
 
-    No weight is shared, so params = FLOPs per example ``= sum_t P_t Q_t r_t m_t n_t r_{t+1}``;
+    No weight is shared, so params = MACs per example ``= sum_t P_t Q_t r_t m_t n_t r_{t+1}``;
     for ``c = 2``: ``r (d_in n_0 + d_out m_1)``, i.e. ``2 r d^{3/2}`` for square ``d``.
 
     Args:
@@ -48,8 +48,34 @@ class BTTLinear(StructuredLinear):
             width by at most ``pad_tolerance`` (zero-padding).
         pad_tolerance: largest relative zero-padding used when a width has no balanced split.
 
-    Factors: ``cores.t`` of shape ``(P_t Q_t, n_t r_{t+1}, r_t m_t)``: fan-in ``r_t m_t``, fan-out
-    ``n_t r_{t+1}``.
+    Attributes:
+        cores, rank: ``c`` and ``r``.
+        ranks: all bond ranks ``(1, r, ..., r, 1)``.
+        in_factors, out_factors: ``m`` and ``n``, slowest first.
+        weights: the cores, a ``ParameterList``.
+
+    Factors: ``weights.t`` of shape ``(P_t Q_t, n_t r_{t+1}, r_t m_t)``: fan-in ``r_t m_t``,
+    fan-out ``n_t r_{t+1}``.
+
+    Shape:
+        - Input: ``(*, H_in)`` with ``H_in = in_features``.
+        - Output: ``(*, H_out)`` with ``H_out = out_features``.
+
+    Examples::
+
+        >>> layer = BTTLinear(768, 3072, rank=2)
+        >>> layer(torch.randn(4, 10, 768)).shape
+        torch.Size([4, 10, 3072])
+        >>> layer.in_factors, layer.out_factors
+        ((24, 32), (48, 64))
+        >>> [tuple(w.shape) for w in layer.weights]  # (P_t Q_t, n_t r_{t+1}, r_t m_t)
+        [(24, 96, 32), (48, 64, 48)]
+        >>> [(f.fan_in, f.fan_out) for f in layer.factors()]
+        [(32, 96), (48, 64)]
+        >>> layer.macs(), layer.dense_macs  # r (d_in n_0 + d_out m_1)
+        (221184, 2359296)
+        >>> layer.spec
+        'btt:cores=2,rank=2,in_factors=24x32,out_factors=48x64'
     """
 
     def __init__(
@@ -68,7 +94,13 @@ class BTTLinear(StructuredLinear):
         super().__init__(in_features, out_features, bias, **kwargs)
         name = self._name()
         rank = check_positive_int(name, "rank", rank)
-        cores = self._plan_widths(cores, in_factors, out_factors, pad_tolerance)
+        plan = plan_widths(
+            name, in_features, out_features, cores, in_factors, out_factors, pad_tolerance
+        )
+        self.cores = cores = plan.cores
+        self.in_factors, self.out_factors = plan.in_factors, plan.out_factors
+        self.in_padded, self.out_padded = plan.in_padded, plan.out_padded
+        self.pad_tolerance = pad_tolerance
         ms, ns = self._ms, self.out_factors
         cap = max(min(math.prod(ms[: t + 1]), math.prod(ns[t + 1 :])) for t in range(cores - 1))
         if rank > cap:
@@ -78,11 +110,10 @@ class BTTLinear(StructuredLinear):
             )
         self.rank = rank
         self.ranks = (1, *([rank] * (cores - 1)), 1)
-        self.cores = nn.ParameterList(
-            nn.Parameter(torch.empty(batch, fo, fi, **self._factory))
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(batch, fo, fi, **self.factory_kwargs))
             for batch, fi, fo in self._core_shapes()
         )
-        self._finish_init()
 
     @property
     def _ms(self) -> tuple[int, ...]:
@@ -97,9 +128,9 @@ class BTTLinear(StructuredLinear):
         ]
 
     def _factor_fans(self) -> list[tuple[str, int, int]]:
-        return [(f"cores.{t}", fi, fo) for t, (_, fi, fo) in enumerate(self._core_shapes())]
+        return [(f"weights.{t}", fi, fo) for t, (_, fi, fo) in enumerate(self._core_shapes())]
 
-    def _matmul(
+    def _fast_matmul(
         self, x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None
     ) -> torch.Tensor:
         if len(weights) == 2:
@@ -124,7 +155,7 @@ class BTTLinear(StructuredLinear):
         raise AssertionError("unreachable")
 
     def _from_dense_padded(self, weight: torch.Tensor) -> None:
-        for core, value in zip(self.cores, self._decompose(weight), strict=True):
+        for core, value in zip(self.weights, self._decompose(weight), strict=True):
             core.copy_(value)
 
     def _decompose(self, weight: torch.Tensor) -> list[torch.Tensor]:
@@ -155,13 +186,14 @@ class BTTLinear(StructuredLinear):
             core = left.permute(2, 0, 3, 4, 1).reshape(jf * e, out_last, r * m_last)
             cores.append(core)
             # remaining: E' = (e, i_last); outputs (jf, rho); inputs m_first
-            a = right.permute(0, 1, 2, 3, 4).reshape(e * m_last, jf * r, m_first)
+            a = right.reshape(e * m_last, jf * r, m_first)
             out_last = ns[k - 2] * r
         cores.append(a)
         return cores[::-1]
 
-    def _options_repr(self) -> str:
-        return (
-            f"cores={len(self.in_factors)}, rank={self.rank}, in_factors={self.in_factors}, "
-            f"out_factors={self.out_factors}"
-        )
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"cores": self.cores, "rank": self.rank}
+        opts.update(in_factors=self.in_factors, out_factors=self.out_factors)
+        if self.pad_tolerance != DEFAULT_PAD_TOLERANCE:
+            opts["pad_tolerance"] = self.pad_tolerance
+        return {**opts, **super().options()}

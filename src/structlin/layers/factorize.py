@@ -9,7 +9,7 @@ essentially dense in one core.
 :func:`balanced_factors` finds the factorisation with the smallest largest factor.
 :func:`plan_factors` decides whether that is balanced enough; if not, it looks for the nearest
 larger size (within a relative tolerance) that factorises well, and the layer zero-pads its input
-or output to that size.
+or output to that size. :func:`plan_widths` does both widths of a ``c``-core layer at once.
 """
 
 from __future__ import annotations
@@ -17,8 +17,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
-__all__ = ["FactorPlan", "balanced_factors", "is_balanced", "plan_factors"]
+from ..options import check_positive_int
+
+__all__ = [
+    "FactorPlan",
+    "WidthPlan",
+    "balanced_factors",
+    "is_balanced",
+    "plan_factors",
+    "plan_widths",
+]
 
 #: A factorisation is "balanced" when its largest factor is at most this many times
 #: ``ceil(d ** (1/c))``. With 2 this admits 24 x 32 for 768 and 2 x 4 for 8, but not 1 x 13.
@@ -141,3 +151,48 @@ def plan_factors(
         f"factors (e.g. {what.split('_')[0]}_factors={exact} to accept the lopsided split), raise "
         f"pad_tolerance, or change the width."
     )
+
+
+class WidthPlan(NamedTuple):
+    """Both widths of a ``cores``-core layer, factorised (slowest factor first) and padded."""
+
+    cores: int
+    in_factors: tuple[int, ...]
+    out_factors: tuple[int, ...]
+    in_padded: int
+    out_padded: int
+
+
+def plan_widths(
+    owner: str,
+    in_features: int,
+    out_features: int,
+    cores: int,
+    in_factors: tuple[int, ...] | list[int] | None = None,
+    out_factors: tuple[int, ...] | list[int] | None = None,
+    pad_tolerance: float = DEFAULT_PAD_TOLERANCE,
+) -> WidthPlan:
+    """Factorise ``in_features`` and ``out_features`` into ``cores >= 2`` factors each.
+
+    Each width goes through :func:`plan_factors` (explicit factors are checked, others balanced,
+    zero-padding within ``pad_tolerance`` when needed). ``owner`` starts every error message.
+
+    Examples::
+
+        >>> plan = plan_widths("layer", 768, 3072, 2)
+        >>> plan.in_factors, plan.out_factors, plan.in_padded, plan.out_padded
+        ((24, 32), (48, 64), 768, 3072)
+        >>> plan_widths("layer", 97, 13, 2).in_padded  # 97 is prime: padded to 98 = 7 x 14
+        98
+    """
+    cores = check_positive_int(owner, "cores", cores)
+    if cores < 2:
+        raise ValueError(f"{owner}: cores must be at least 2, got {cores}")
+    p_in, p_out = (
+        plan_factors(size, cores, factors, pad_tolerance=pad_tolerance, what=what, owner=owner)
+        for size, factors, what in (
+            (in_features, in_factors, "in_features"),
+            (out_features, out_factors, "out_features"),
+        )
+    )
+    return WidthPlan(cores, p_in.factors, p_out.factors, p_in.padded, p_out.padded)

@@ -26,7 +26,23 @@ class LowRankLinear(StructuredLinear):
             ``min(d_in, d_out)``.
 
     Factors: ``U`` ``(r, d_in)`` (fan-in ``d_in``, fan-out ``r``), then ``V`` ``(d_out, r)``
-    (fan-in ``r``, fan-out ``d_out``). Params = FLOPs = ``r (d_in + d_out)``.
+    (fan-in ``r``, fan-out ``d_out``). Params = MACs per example = ``r (d_in + d_out)``.
+
+    Shape:
+        - Input: ``(*, H_in)`` with ``H_in = in_features``.
+        - Output: ``(*, H_out)`` with ``H_out = out_features``.
+
+    Examples::
+
+        >>> layer = LowRankLinear(256, 512, rank=8)
+        >>> layer(torch.randn(4, 10, 256)).shape
+        torch.Size([4, 10, 512])
+        >>> layer.U.shape, layer.V.shape
+        (torch.Size([8, 256]), torch.Size([512, 8]))
+        >>> layer.macs(), layer.dense_macs, layer.spec
+        (6144, 131072, 'low_rank:rank=8')
+        >>> torch.linalg.matrix_rank(layer.to_dense().detach()).item()
+        8
     """
 
     def __init__(
@@ -49,9 +65,8 @@ class LowRankLinear(StructuredLinear):
                 f"got {rank}; use structure 'dense' for a full-rank layer"
             )
         self.rank = rank
-        self.U = nn.Parameter(torch.empty(rank, in_features, **self._factory))
-        self.V = nn.Parameter(torch.empty(out_features, rank, **self._factory))
-        self._finish_init()
+        self.U = nn.Parameter(torch.empty(rank, in_features, **self.factory_kwargs))
+        self.V = nn.Parameter(torch.empty(out_features, rank, **self.factory_kwargs))
 
     def _factor_fans(self) -> list[tuple[str, int, int]]:
         return [("U", self.in_features, self.rank), ("V", self.rank, self.out_features)]
@@ -60,7 +75,7 @@ class LowRankLinear(StructuredLinear):
         u, v = weights
         return F.linear(F.linear(x, u), v)
 
-    def _matmul(
+    def _fast_matmul(
         self, x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None
     ) -> torch.Tensor:
         u, v = weights
@@ -72,5 +87,5 @@ class LowRankLinear(StructuredLinear):
         self.V.copy_(u[:, : self.rank] * root)
         self.U.copy_(root[:, None] * vh[: self.rank])
 
-    def _options_repr(self) -> str:
-        return f"rank={self.rank}"
+    def options(self) -> dict[str, Any]:
+        return {"rank": self.rank, **super().options()}

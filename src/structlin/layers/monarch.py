@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from ..options import check_positive_int
+from .base import StructuredLinear
 from .btt import BTTLinear
 from .registry import register_structure
 
@@ -23,14 +24,30 @@ class MonarchLinear(BTTLinear):
     ``out_factors=(b, out_blk)`` and rank ``h / b``, so it runs on the same kernel. Widths that
     ``b`` does not divide are zero-padded to ``b * ceil(d / b)`` (no tolerance applies).
 
-    Params = FLOPs per example = ``b * h * (in_blk + out_blk)``, about ``2 d^2 / b`` for square
+    Params = MACs per example = ``b * h * (in_blk + out_blk)``, about ``2 d^2 / b`` for square
     ``d`` (``b = 4``: half of dense).
 
     Args:
         blocks: ``b`` (default 4, the paper's setting), at most ``min(d_in, d_out)``.
 
-    Factors: ``cores.0`` ``(b, h, in_blk)`` (fan-in ``in_blk``, fan-out ``h``) and ``cores.1``
-    ``(b, out_blk, h)`` (fan-in ``h``, fan-out ``out_blk``).
+    Factors: ``weights.0`` ``(b, h, in_blk)`` (fan-in ``in_blk``, fan-out ``h``) and
+    ``weights.1`` ``(b, out_blk, h)`` (fan-in ``h``, fan-out ``out_blk``).
+
+    Shape:
+        - Input: ``(*, H_in)`` with ``H_in = in_features``.
+        - Output: ``(*, H_out)`` with ``H_out = out_features``.
+
+    Examples::
+
+        >>> layer = MonarchLinear(256, 256, blocks=4)
+        >>> layer(torch.randn(8, 256)).shape
+        torch.Size([8, 256])
+        >>> [tuple(w.shape) for w in layer.weights]  # (b, h, in_blk), (b, out_blk, h)
+        [(4, 64, 64), (4, 64, 64)]
+        >>> layer.macs() / layer.dense_macs  # 2 / b
+        0.5
+        >>> layer.spec, (layer.cores, layer.rank)  # a 2-core BTT of rank h / b
+        ('monarch:blocks=4', (2, 16))
     """
 
     def __init__(
@@ -66,5 +83,6 @@ class MonarchLinear(BTTLinear):
             **kwargs,
         )
 
-    def _options_repr(self) -> str:
-        return f"blocks={self.blocks}, hidden={self.blocks * self.rank}"
+    def options(self) -> dict[str, Any]:
+        # blocks fixes the BTT options (cores, rank, factors), so only the common ones follow.
+        return {"blocks": self.blocks, **StructuredLinear.options(self)}

@@ -6,7 +6,6 @@ options may be given as keyword arguments, which take precedence over the string
 
 from __future__ import annotations
 
-import ast
 import fnmatch
 import inspect
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from typing import Any, TypeVar
 
 from ..options import check_options
 from .base import StructuredLinear
+from .spec import parse_spec
 
 __all__ = [
     "get_structure",
@@ -80,59 +80,6 @@ def structure_options(cls: type[StructuredLinear]) -> list[str]:
     return own + [n for n in _keyword_options(StructuredLinear.__init__) if n not in own]
 
 
-def _parse_value(text: str) -> Any:
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    if "x" in low and all(part.isdigit() for part in low.split("x")):
-        return tuple(int(part) for part in low.split("x"))  # "24x32" -> (24, 32)
-    try:
-        return ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError):
-        return text.strip()
-
-
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """Split ``"btt:rank=4,cores=3"`` into ``("btt", {"rank": 4, "cores": 3})``.
-
-    Values are read as Python literals; ``24x32`` is a tuple of ints; anything else is a string.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"expected a structure spec such as 'btt:rank=4', got {spec!r}")
-    name, _, rest = spec.strip().partition(":")
-    options: dict[str, Any] = {}
-    if rest.strip():
-        for item in _split_options(rest):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise ValueError(
-                    f"bad option {item!r} in structure spec {spec!r}; expected key=value pairs "
-                    f"separated by commas, e.g. 'btt:rank=4,cores=3'"
-                )
-            options[key.strip()] = _parse_value(value)
-    return name.strip(), options
-
-
-def _split_options(text: str) -> list[str]:
-    # Commas inside brackets belong to a value: "in_factors=(24,32),rank=2".
-    items, depth, cur = [], 0, []
-    for ch in text:
-        if ch in "([":
-            depth += 1
-        elif ch in ")]":
-            depth -= 1
-        if ch == "," and depth == 0:
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if "".join(cur).strip():
-        items.append("".join(cur))
-    return [i for i in items if i.strip()]
-
-
 def make_linear(
     spec: str | type[StructuredLinear],
     in_features: int,
@@ -142,11 +89,17 @@ def make_linear(
 ) -> StructuredLinear:
     """Build a structured layer from a name, a spec string or a class.
 
-    Example::
+    Keyword arguments override the options of the spec; ``device`` and ``dtype`` are passed on.
+    ``make_linear(layer.spec, d_in, d_out)`` rebuilds a layer with the factor shapes of ``layer``.
 
-        make_linear("btt:rank=4", 768, 3072)
-        make_linear("low_rank", 768, 768, rank=32, bias=False)
-        make_linear(BTTLinear, 768, 3072, cores=3)
+    Examples::
+
+        >>> make_linear("btt:rank=4", 768, 3072).spec
+        'btt:cores=2,rank=4,in_factors=24x32,out_factors=48x64'
+        >>> make_linear("low_rank", 768, 768, rank=32, bias=False).bias is None
+        True
+        >>> make_linear(get_structure("btt"), 768, 3072, cores=3).in_factors
+        (8, 8, 12)
     """
     if isinstance(spec, type):
         if not issubclass(spec, StructuredLinear):

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..options import check_positive_int
 from .base import StructuredLinear
-from .factorize import DEFAULT_PAD_TOLERANCE
+from .factorize import DEFAULT_PAD_TOLERANCE, plan_widths
 from .registry import register_structure
 
 __all__ = ["TTLinear"]
@@ -27,10 +27,10 @@ class TTLinear(StructuredLinear):
 
     with ``rho_0 = rho_c = 1`` and interior ranks ``r``. Core ``t`` is a single dense map
     ``(r_t, m_t) -> (n_t, r_{t+1})`` applied at every position of the other modes, so parameters
-    are far fewer than FLOPs (weight sharing):
+    are far fewer than MACs (weight sharing):
 
     * params = ``sum_t r_t m_t n_t r_{t+1}``;
-    * FLOPs per example = ``sum_t (prod_{s>t} m_s)(prod_{s<t} n_s) r_t m_t n_t r_{t+1}``
+    * MACs per example = ``sum_t (prod_{s>t} m_s)(prod_{s<t} n_s) r_t m_t n_t r_{t+1}``
       (square ``d``, ``c = 2``: ``2 r d^{3/2}``).
 
     Args:
@@ -42,8 +42,32 @@ class TTLinear(StructuredLinear):
             the width by at most ``pad_tolerance`` (zero-padding).
         pad_tolerance: largest relative zero-padding used when a width has no balanced split.
 
-    Factors: ``cores.t`` stored as ``(n_t r_{t+1}, r_t m_t)``: fan-in ``r_t m_t``, fan-out
+    Attributes:
+        cores, rank: ``c`` and ``r`` as used (``rank`` is the largest bond rank after capping).
+        ranks: all bond ranks ``(1, r_1, ..., r_{c-1}, 1)``.
+        in_factors, out_factors: ``m`` and ``n``, slowest first.
+        weights: the cores, a ``ParameterList``.
+
+    Factors: ``weights.t`` stored as ``(n_t r_{t+1}, r_t m_t)``: fan-in ``r_t m_t``, fan-out
     ``n_t r_{t+1}``.
+
+    Shape:
+        - Input: ``(*, H_in)`` with ``H_in = in_features``.
+        - Output: ``(*, H_out)`` with ``H_out = out_features``.
+
+    Examples::
+
+        >>> layer = TTLinear(768, 3072, rank=4)
+        >>> layer(torch.randn(2, 768)).shape
+        torch.Size([2, 3072])
+        >>> layer.in_factors, layer.out_factors, layer.ranks
+        ((24, 32), (48, 64), (1, 4, 1))
+        >>> [tuple(w.shape) for w in layer.weights]  # (n_t r_{t+1}, r_t m_t)
+        [(192, 24), (64, 128)]
+        >>> layer.num_params - 3072, layer.macs()  # weight sharing: far more MACs than params
+        (12800, 540672)
+        >>> layer.spec
+        'tt:cores=2,rank=4,in_factors=24x32,out_factors=48x64'
     """
 
     _default_rank = 16
@@ -62,12 +86,19 @@ class TTLinear(StructuredLinear):
         **kwargs: Any,
     ) -> None:
         super().__init__(in_features, out_features, bias, **kwargs)
-        self._plan_widths(cores, in_factors, out_factors, pad_tolerance)
-        self.ranks = self._plan_ranks(rank)
-        self.cores = nn.ParameterList(
-            nn.Parameter(torch.empty(fo, fi, **self._factory)) for _, fi, fo in self._factor_fans()
+        plan = plan_widths(
+            self._name(), in_features, out_features, cores, in_factors, out_factors, pad_tolerance
         )
-        self._finish_init()
+        self.cores = plan.cores
+        self.in_factors, self.out_factors = plan.in_factors, plan.out_factors
+        self.in_padded, self.out_padded = plan.in_padded, plan.out_padded
+        self.pad_tolerance = pad_tolerance
+        self.ranks = self._plan_ranks(rank)
+        self.rank = max(self.ranks)
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(fo, fi, **self.factory_kwargs))
+            for _, fi, fo in self._factor_fans()
+        )
 
     def _plan_ranks(self, rank: int | None) -> tuple[int, ...]:
         c = len(self.in_factors)
@@ -86,13 +117,9 @@ class TTLinear(StructuredLinear):
                 )
         return (1, *(min(rank, cap) for cap in caps), 1)
 
-    @property
-    def rank(self) -> int:
-        return max(self.ranks)
-
     def _factor_fans(self) -> list[tuple[str, int, int]]:
         r, m, n = self.ranks, self.in_factors, self.out_factors
-        return [(f"cores.{t}", r[t] * m[t], n[t] * r[t + 1]) for t in range(len(m))]
+        return [(f"weights.{t}", r[t] * m[t], n[t] * r[t + 1]) for t in range(len(m))]
 
     def _reference_matmul(self, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
         m, n, r = self.in_factors, self.out_factors, self.ranks
@@ -138,10 +165,11 @@ class TTLinear(StructuredLinear):
                 rem[:k] = s[:k, None] * vh[:k]
                 core = core.reshape(r[t], m[t], n[t], r[t + 1])
             stored = core.permute(2, 3, 0, 1).reshape(n[t] * r[t + 1], r[t] * m[t])
-            self.cores[t].copy_(stored)
+            self.weights[t].copy_(stored)
 
-    def _options_repr(self) -> str:
-        return (
-            f"cores={len(self.in_factors)}, rank={self.rank}, in_factors={self.in_factors}, "
-            f"out_factors={self.out_factors}"
-        )
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"cores": self.cores, "rank": self.rank}
+        opts.update(in_factors=self.in_factors, out_factors=self.out_factors)
+        if self.pad_tolerance != DEFAULT_PAD_TOLERANCE:
+            opts["pad_tolerance"] = self.pad_tolerance
+        return {**opts, **super().options()}

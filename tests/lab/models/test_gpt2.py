@@ -254,5 +254,5 @@ def test_mup_param_groups_against_meta_base():
         assert mult[name] == 1.0, name
     structurize(model, "btt")
     s_mult = {i.name: i.lr_mult for i in mup.param_info(model, base=base)}
-    assert "blocks.0.mlp.c_fc.cores.1" in s_mult
+    assert "blocks.0.mlp.c_fc.weights.1" in s_mult
     assert s_mult["lm_head.weight"] == pytest.approx(0.25)

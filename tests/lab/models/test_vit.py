@@ -195,7 +195,7 @@ def test_mup_param_groups_against_meta_base():
         assert g["lr"] == pytest.approx(1e-3 * g["lr_mult"])
     structurize(model, "btt")
     s_mult = {i.name: i.lr_mult for i in mup.param_info(model, base=base)}
-    assert "blocks.0.ffn.fc1.cores.0" in s_mult and s_mult["head.weight"] == pytest.approx(0.25)
+    assert "blocks.0.ffn.fc1.weights.0" in s_mult and s_mult["head.weight"] == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize(
