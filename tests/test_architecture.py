@@ -140,3 +140,22 @@ def test_the_checker_sees_function_level_and_relative_imports():
     edges = {m for m, _ in _imports("structlin_lab.cli")}
     assert "structlin_lab.train" in edges or "structlin_lab.train.config" in edges
     assert "structlin.layers.base" in {m for m, _ in _imports("structlin.layers.btt")}
+
+
+def _long_functions(root: str, limit: int) -> list[str]:
+    out = []
+    for path in sorted((SRC / root).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > limit:
+                    out.append(
+                        f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({length} lines)"
+                    )
+    return out
+
+
+def test_functions_fit_on_a_screen():
+    # Docstrings included: a function whose docstring and body exceed this is doing too much.
+    assert _long_functions(CORE, 60) == []
+    assert _long_functions(LAB, 100) == []
