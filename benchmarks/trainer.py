@@ -12,10 +12,10 @@ cosine schedule, batch ``--batch``:
 - ``trainer+aug``: the same with ``augment=true, mixup=0.8, label_smoothing=0.3`` (the §5.1
   recipe: on-device random resized crop, flip, mixup and label smoothing).
 
-Timing. Every variant timestamps the start of each step (for the trainer: a subclass wraps
-``Trainer._train_batches`` and stamps before asking the loader for the next batch, so a step's
-interval covers batch construction, forward, backward, optimizer and scheduler steps and the
-trainer's bookkeeping). A trainer run has ``warmup + steps + 1`` steps with ``eval_every`` and
+Timing. Every variant timestamps the start of each step (for the trainer: a wrapper around the
+trainer's task stamps before asking it for the next training batch, so a step's interval covers
+batch construction, forward, backward, optimizer and scheduler steps and the trainer's
+bookkeeping). A trainer run has ``warmup + steps + 1`` steps with ``eval_every`` and
 ``ckpt_every`` beyond the run, so the only evaluation and checkpoint follow the last step, whose
 interval is never closed and is not counted. ``samples/s = steps * B / (stamp[warmup + steps] -
 stamp[warmup])``. Each round runs every variant once (fresh model and optimizer, so the trainer
@@ -46,30 +46,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import structlin_lab.data.cifar as cifar_module
+import structlin_lab.data as data_package
 from structlin import mup
 from structlin.io import atomic_write_text
 from structlin_lab.bench import cpu_model
 from structlin_lab.malloc import tune_malloc
 from structlin_lab.models import MLP
 from structlin_lab.train import Trainer, load_config
-from structlin_lab.train.build import CIFAR_MEAN, CIFAR_STD
 from structlin_lab.train.schedule import lr_factor
+from structlin_lab.train.tasks import CIFAR_MEAN, CIFAR_STD
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SOURCE = HERE.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 TARGETS = {"trainer": 0.90, "trainer+aug": 0.75}
 
 
-class TimedTrainer(Trainer):
-    """A Trainer that timestamps the start of every training step (and, for ``--profile``,
-    labels the batch and forward/loss phases for ``torch.profiler``)."""
+class TimedTask:
+    """A trainer's task that timestamps the start of every training step (and, for
+    ``--profile``, labels the batch and forward/loss phases for ``torch.profiler``)."""
 
-    stamps: list[float]
-    label = False
+    def __init__(self, task, label: bool) -> None:
+        self.task = task
+        self.label = label
+        self.stamps: list[float] = []
 
-    def _train_batches(self):
-        inner = super()._train_batches()
+    def __getattr__(self, name: str):
+        return getattr(self.task, name)
+
+    def train_batches(self):
+        inner = self.task.train_batches()
         self.stamps = []
         while True:
             self.stamps.append(time.perf_counter())
@@ -77,9 +82,9 @@ class TimedTrainer(Trainer):
                 item = next(inner)
             yield item
 
-    def _loss_and_acc(self, x, targets, batch):
+    def loss_and_accuracy(self, forward, batch):
         with _label(self.label, "phase: forward + loss + acc"):
-            return super()._loss_and_acc(x, targets, batch)
+            return self.task.loss_and_accuracy(forward, batch)
 
 
 def _label(on: bool, name: str):
@@ -121,13 +126,14 @@ def trainer_config(args: argparse.Namespace, total_steps: int, aug: bool):
 def run_trainer(args: argparse.Namespace, aug: bool, steps: int) -> float:
     total = args.warmup + steps + 1  # the last step's interval (with eval and ckpt) stays open
     with tempfile.TemporaryDirectory(prefix="sl_bench_") as tmp:
-        t = TimedTrainer(trainer_config(args, total, aug), Path(tmp) / "run", log=None)
+        t = Trainer(trainer_config(args, total, aug), Path(tmp) / "run", log=None)
+        timed = t.task = TimedTask(t.task, label=args.profile)
+        fit = t.fit
         if args.profile:
-            t.label = True
             name = "trainer+aug" if aug else "trainer"
-            t.fit = _profiled(t.fit, args, steps, name, lambda: t.stamps)
-        t.fit()
-        s = t.stamps
+            fit = _profiled(fit, args, steps, name, lambda: timed.stamps)
+        fit()
+        s = timed.stamps
     assert len(s) == total, (len(s), total)
     return steps * args.batch / (s[args.warmup + steps] - s[args.warmup])
 
@@ -202,7 +208,7 @@ def _profiled(fn, args: argparse.Namespace, steps: int, name: str, stamps):
     return wrapped
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default=str(DEFAULT_SOURCE), help="CIFAR-10 archive or folder")
     p.add_argument("--root", default="/tmp/sl_cache", help="decode cache directory")
@@ -225,27 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         p.error("need --rounds >= 1, --steps >= 1, --warmup >= 0")
+    return args
 
-    tuned = False if args.no_tune_malloc else tune_malloc()
-    t0 = time.perf_counter()
-    arrays = cifar_module.load_cifar("cifar10", args.root, source=args.source)
-    # Every Trainer would re-read the 185 MB cache; serve it the arrays already loaded instead.
-    cached = functools.lru_cache(maxsize=None)(cifar_module.load_cifar)
-    cifar_module.load_cifar = cached
+
+def _load_once(args: argparse.Namespace) -> BareLoop:
+    """Decode CIFAR-10 once; every Trainer is then served the arrays already loaded (instead of
+    re-reading the 185 MB cache) and the bare loop gets its in-memory tensors."""
+    arrays = data_package.load_cifar("cifar10", args.root, source=args.source)
+    cached = functools.lru_cache(maxsize=None)(data_package.load_cifar)
+    data_package.load_cifar = cached  # the trainer's tasks look the loader up at call time
     cached("cifar10", args.root, source=args.source, download=False)
-    bare = BareLoop(args, arrays.train_x, arrays.train_y)
-    print(f"data ready in {time.perf_counter() - t0:.1f} s; malloc tuned: {tuned}", flush=True)
+    return BareLoop(args, arrays.train_x, arrays.train_y)
 
-    variants = {
-        "bare": bare.run,
-        "trainer": functools.partial(run_trainer, args, False),
-        "trainer+aug": functools.partial(run_trainer, args, True),
-    }
+
+def _rounds(variants: dict, args: argparse.Namespace, t0: float) -> dict[str, list[float]]:
+    """Samples/s of every variant in every round, in a rotating order."""
     names = list(variants)
-    if args.profile:
-        for name in names:
-            variants[name](args.steps)
-        return 0
     for name in names:  # one untimed pass each: first-call costs, allocator warm-up
         variants[name](2)
     results: dict[str, list[float]] = {n: [] for n in names}
@@ -256,19 +257,22 @@ def main(argv: list[str] | None = None) -> int:
         line = "  ".join(f"{n} {results[n][-1]:7.0f}" for n in names)
         elapsed = time.perf_counter() - t0
         print(f"round {r + 1}/{args.rounds} ({elapsed:5.0f} s): {line}", flush=True)
+    return results
 
+
+def _summary_rows(results: dict[str, list[float]]) -> list[dict]:
     rows = []
-    for name in names:
-        ratios = [v / b for v, b in zip(results[name], results["bare"], strict=True)]
+    for name, values in results.items():
+        ratios = [v / b for v, b in zip(values, results["bare"], strict=True)]
         rows.append(
             {
                 "variant": name,
-                "samples_per_s": statistics.median(results[name]),
-                "min": min(results[name]),
-                "max": max(results[name]),
+                "samples_per_s": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
                 "ratio_to_bare": statistics.median(ratios),
                 "target": TARGETS.get(name),
-                "per_round": results[name],
+                "per_round": values,
             }
         )
     print()
@@ -280,6 +284,25 @@ def main(argv: list[str] | None = None) -> int:
             f"| {row['variant']} | {row['samples_per_s']:.0f} | {row['min']:.0f}-{row['max']:.0f}"
             f" | {row['ratio_to_bare']:.3f} | {target} |"
         )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    tuned = False if args.no_tune_malloc else tune_malloc()
+    t0 = time.perf_counter()
+    bare = _load_once(args)
+    print(f"data ready in {time.perf_counter() - t0:.1f} s; malloc tuned: {tuned}", flush=True)
+    variants = {
+        "bare": bare.run,
+        "trainer": functools.partial(run_trainer, args, False),
+        "trainer+aug": functools.partial(run_trainer, args, True),
+    }
+    if args.profile:
+        for run in variants.values():
+            run(args.steps)
+        return 0
+    rows = _summary_rows(_rounds(variants, args, t0))
     payload = {
         "machine": cpu_model(),
         "threads": torch.get_num_threads(),

@@ -9,7 +9,7 @@ and JSON table per study, the figures (PNG and PDF) into FIGURES_DIR (default do
 and prints fits, multipliers, the frontier, the LR-landscape optima and the ξ comparison.
 
 Compute is training MACs (3x forward MACs per example x examples seen). The paper's
-slopes (Qiu et al., ICML 2024, Figure 3) are fitted on error against forward FLOPs per example;
+slopes (Qiu et al., ICML 2024, §4) are fitted on error against forward FLOPs per example;
 with the same number of epochs for every run the two differ by a constant factor, so the
 exponents compare directly.
 """

@@ -24,32 +24,36 @@ def _cmd_info(args: argparse.Namespace) -> int:
         spec, d_in, d_out = args.layer
         print(make_linear(spec, int(d_in), int(d_out)))
     if args.config:
-        import torch
-
-        from structlin import structurize
-
-        from .train.build import model_at_width, shapes_only
-
-        cfg = _info_config(args)
-        bundle = shapes_only(cfg, vocab=args.vocab if cfg.task == "lm" else None)
-        with torch.device("meta"):
-            model = model_at_width(cfg, cfg.model.width, bundle)
-        s = cfg.structure
-        spec = s.spec if s.spec != "dense" else "dense"
-        report = structurize(
-            model,
-            spec,
-            target_modules=s.target_modules,
-            exclude_modules=s.exclude_modules,
-            overrides=s.overrides,
-            dry_run=True,
-        )
-        print(
-            f"model {cfg.model.name} width {cfg.model.width} depth {cfg.model.depth}, "
-            f"structure {s.spec} (dry run):"
-        )
-        print(report)
+        _print_structure_report(args)
     return 0
+
+
+def _print_structure_report(args: argparse.Namespace) -> None:
+    """The dry-run ``structurize`` report of ``--config``'s model, built on ``meta``."""
+    import torch
+
+    from structlin import structurize
+
+    from .train.build import model_at_width, shapes_only
+
+    cfg = _info_config(args)
+    shapes = shapes_only(cfg, vocab=args.vocab if cfg.task == "lm" else None)
+    with torch.device("meta"):
+        model = model_at_width(cfg, cfg.model.width, shapes)
+    s = cfg.structure
+    report = structurize(
+        model,
+        s.spec,
+        target_modules=s.target_modules,
+        exclude_modules=s.exclude_modules,
+        overrides=s.overrides,
+        dry_run=True,
+    )
+    print(
+        f"model {cfg.model.name} width {cfg.model.width} depth {cfg.model.depth}, "
+        f"structure {s.spec} (dry run):"
+    )
+    print(report)
 
 
 def _info_config(args: argparse.Namespace):
@@ -246,36 +250,26 @@ def _add_tune_malloc_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="structlin", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"structlin {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_set_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=help_text)
 
+
+def _add_train(sub) -> None:
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", nargs="?", help="YAML config (see configs/); defaults if omitted")
-    train.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config keys, e.g. --set optim.lr=1e-3 model.width=256",
-    )
+    _add_set_flag(train, "override config keys, e.g. --set optim.lr=1e-3 model.width=256")
     train.add_argument("--out", help="run directory (default runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="restart in an existing directory")
     _add_tune_malloc_flag(train)
     train.set_defaults(func=_cmd_train)
 
+
+def _add_sweep(sub) -> None:
     sw = sub.add_parser("sweep", help="run (or submit) a grid of training runs from a spec")
     sw.add_argument("spec", help="sweep YAML, e.g. configs/sweeps/cifar10_mlp_scaling-cpu.yaml")
-    sw.add_argument("--dry-run", action="store_true", help="list runs with params/FLOPs only")
-    sw.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="overrides added to every run, e.g. data.source=/data/cifar-10-python.tar.gz",
-    )
+    sw.add_argument("--dry-run", action="store_true", help="list runs with params/MACs only")
+    _add_set_flag(sw, "overrides added to every run, e.g. data.source=/data/cifar-10-python.tar.gz")
     sw.add_argument(
         "--only",
         nargs="+",
@@ -291,12 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune_malloc_flag(sw)
     sw.set_defaults(func=_cmd_sweep)
 
+
+def _add_results(sub) -> None:
     res = sub.add_parser("results", help="collect training runs into one table")
     res.add_argument("dirs", nargs="+")
     res.add_argument("--csv", help="write the table as CSV")
     res.add_argument("--json", help="write the table as JSON")
     res.set_defaults(func=_cmd_results)
 
+
+def _add_fit(sub) -> None:
     fit = sub.add_parser("fit", help="power-law fits of error vs compute per structure")
     fit.add_argument("dirs", nargs="+")
     fit.add_argument("--x", default="train_macs", help="compute column (default train_macs)")
@@ -318,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.set_defaults(func=_cmd_fit)
 
+
+def _add_plot(sub) -> None:
     plot = sub.add_parser("plot", help="paper-style figures (PNG and PDF) from training runs")
     plot.add_argument("dirs", nargs="+")
     plot.add_argument(
@@ -341,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.set_defaults(func=_cmd_plot)
 
+
+def _add_info(sub) -> None:
     info = sub.add_parser("info", help="list structures and their options")
     info.add_argument(
         "--layer",
@@ -349,12 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also build one layer and print it, e.g. --layer btt:rank=2 768 3072",
     )
     info.add_argument("--config", help="also print the structurize report of a training config")
-    info.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for --config"
-    )
+    _add_set_flag(info, "config overrides for --config")
     info.add_argument("--vocab", type=int, default=50257, help="vocabulary size for lm configs")
     info.set_defaults(func=_cmd_info)
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="download / cache data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     fetch = data_sub.add_parser("fetch", help="fetch and cache a data set")
@@ -367,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--tokenizer-file", help="local gpt2.tiktoken ranks file")
     fetch.set_defaults(func=_cmd_data_fetch)
 
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo", help="train the paper's MLP dense vs BTT at matched compute (a few CPU minutes)"
     )
@@ -381,12 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out")
     demo.set_defaults(func=_cmd_demo)
 
+
+def _add_bench(sub) -> None:
     from .bench import build_parser as bench_parser
 
     bench = sub.add_parser("bench", help="forward+backward time of each structure vs nn.Linear")
     bench_parser(bench)
     bench.set_defaults(func=_cmd_bench)
 
+
+def _add_coord_check(sub) -> None:
     from .experiments.coord_mlp import DEFAULT_STRUCTURES
 
     cc = sub.add_parser(
@@ -413,6 +421,30 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--seed", type=int, default=0)
     cc.add_argument("--out", default="coord_check")
     cc.set_defaults(func=_cmd_coord_check)
+
+
+#: One function per command, each adding its sub-parser; in the order ``--help`` lists them.
+_COMMANDS = (
+    _add_train,
+    _add_sweep,
+    _add_results,
+    _add_fit,
+    _add_plot,
+    _add_info,
+    _add_data,
+    _add_demo,
+    _add_bench,
+    _add_coord_check,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``structlin`` parser: one sub-command per entry of ``_COMMANDS``."""
+    parser = argparse.ArgumentParser(prog="structlin", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"structlin {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_command in _COMMANDS:
+        add_command(sub)
     return parser
 
 

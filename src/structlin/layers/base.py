@@ -134,7 +134,7 @@ class StructuredLinear(nn.Module):
         out_features: size of each output sample.
         bias: learn an additive bias (initialised to zero, as μP prescribes).
         norm: ``None`` or ``"rms_clamp"``: weight normalisation of every factor (Qiu et al., ICML
-            2024, §3). Each factor ``W_t`` is used as ``gamma_t * W_t / max(1, rms(W_t) /
+            2024, §5). Each factor ``W_t`` is used as ``gamma_t * W_t / max(1, rms(W_t) /
             sigma_t)`` with ``sigma_t`` its μP init std: a factor's RMS may shrink freely but never
             exceed its init value. The stored parameter is unchanged; the clamp lives in the
             forward graph. Costs ``O(params)`` per forward, independent of the batch, so MACs are

@@ -37,7 +37,18 @@ class ImageArrays:
 
 
 def save_npz(arrays: ImageArrays, path: Path) -> None:
-    """Write ``arrays`` as an uncompressed ``.npz`` atomically (no pickles inside)."""
+    """Write ``arrays`` as an uncompressed ``.npz`` atomically (no pickles inside).
+
+    A failure to write (e.g. a read-only cache dir) is logged, not raised: it should cost a
+    re-decode next time, not the data now.
+    """
+    try:
+        _write_npz(arrays, path)
+    except OSError as e:
+        log.warning("could not write cache %s: %s", path, e)
+
+
+def _write_npz(arrays: ImageArrays, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(f: Any) -> None:

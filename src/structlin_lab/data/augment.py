@@ -1,4 +1,8 @@
-"""Batched image augmentation, mixup and soft-target losses for small-image training (§5.1).
+"""Batched image augmentation and mixup for image classification, on the data's device.
+
+The recipe of the paper's image experiments (Qiu et al., ICML 2024), which the CIFAR configs use: a
+random resized crop (area 8-100 % of the image, aspect ratio 3/4-4/3) with a random horizontal
+flip, mixup with one Beta(alpha, alpha) lambda per batch, and label smoothing.
 
 Everything works on whole batches with tensor ops on the data's device: no per-sample Python and no
 host syncs, so the same code runs on CPU and CUDA. All randomness is drawn from an explicit
@@ -14,21 +18,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "derive_seed",
     "mixup",
-    "mixup_accuracy",
     "normalize",
-    "random_hflip",
     "random_resized_crop",
     "resized_crop",
     "sample_beta",
     "sample_crop_boxes",
     "sample_mixup",
     "smooth_one_hot",
-    "soft_cross_entropy",
 ]
 
 # torchvision's RandomResizedCrop makes this many attempts before falling back to a center crop.
@@ -39,6 +42,15 @@ _CROP_TRIES = 10
 _GAMMA_CANDIDATES = 16
 
 
+def derive_seed(*parts: int) -> int:
+    """A 64-bit seed derived from non-negative integers, e.g. ``(seed, stream, epoch, rank)``.
+
+    ``numpy.random.SeedSequence`` hashes its inputs, so nearby tuples give unrelated streams; the
+    result fits ``torch.Generator.manual_seed`` and ``numpy.random.default_rng``.
+    """
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0])
+
+
 def _check_image_batch(x: torch.Tensor) -> None:
     if x.ndim != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
@@ -47,6 +59,16 @@ def _check_image_batch(x: torch.Tensor) -> None:
 def _as_float(x: torch.Tensor) -> torch.Tensor:
     """Integer images become float32 with their values unchanged (0..255 for uint8)."""
     return x if x.is_floating_point() else x.to(torch.float32)
+
+
+def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """torchvision's fallback ``(h, w)``: the whole image, clipped to the nearest allowed ratio."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        return round(width / ratio[0]), width
+    if in_ratio > ratio[1]:
+        return height, round(height * ratio[1])
+    return height, width
 
 
 def sample_crop_boxes(
@@ -63,8 +85,8 @@ def sample_crop_boxes(
     Per sample: up to 10 tries of an area fraction ``~ U(scale)`` and an aspect ratio (w / h)
     that is log-uniform on ``ratio``; the first try whose rounded box fits the image wins, and its
     top-left corner is uniform over the valid positions. Samples where no try fits get
-    torchvision's fallback center crop (the whole image, clipped to the nearest allowed ratio).
-    All tries are drawn at once, so a call always consumes the same amount of randomness.
+    torchvision's fallback center crop. All tries are drawn at once, so a call always consumes the
+    same amount of randomness: ``2 * 10 + 2`` float64 uniforms per box.
 
     Args:
         batch: number of boxes ``B``.
@@ -81,15 +103,13 @@ def sample_crop_boxes(
         raise ValueError(
             f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}"
         )
-    device = generator.device
     # float64 mirrors torchvision's Python-float arithmetic, so rounding decisions match it.
-    f64 = {"dtype": torch.float64, "device": device, "generator": generator}
-    area = float(height * width)
+    f64 = {"dtype": torch.float64, "device": generator.device, "generator": generator}
     u_area = torch.rand(batch, _CROP_TRIES, **f64)
     u_ratio = torch.rand(batch, _CROP_TRIES, **f64)
     u_pos = torch.rand(batch, 2, **f64)
 
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+    target_area = float(height * width) * (scale[0] + (scale[1] - scale[0]) * u_area)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
     # torch.round and Python's round both round half to even.
@@ -98,20 +118,10 @@ def sample_crop_boxes(
     ok = (w_try > 0) & (w_try <= width) & (h_try > 0) & (h_try <= height)
     # argmax returns the first maximal index, i.e. the first successful try.
     first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)
-    w = w_try.gather(1, first).squeeze(1)
-    h = h_try.gather(1, first).squeeze(1)
-
-    # torchvision's fallback, computed in Python because it depends only on the image size.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fb_w, fb_h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fb_w, fb_h = round(height * ratio[1]), height
-    else:
-        fb_w, fb_h = width, height
     found = ok.any(dim=1)
-    w = torch.where(found, w, float(fb_w))
-    h = torch.where(found, h, float(fb_h))
+    fb_h, fb_w = _fallback_box(height, width, ratio)
+    w = torch.where(found, w_try.gather(1, first).squeeze(1), float(fb_w))
+    h = torch.where(found, h_try.gather(1, first).squeeze(1), float(fb_h))
     # Uniform integer in [0, H - h], like randint(0, H - h + 1); the clamp guards u -> 1 rounding.
     top = torch.minimum(torch.floor(u_pos[:, 0] * (height - h + 1)), height - h)
     left = torch.minimum(torch.floor(u_pos[:, 1] * (width - w + 1)), width - w)
@@ -155,8 +165,7 @@ def resized_crop(
     if b == 0:
         # affine_grid rejects empty sizes; a sharded last batch can be empty (see the loader).
         return xf.new_empty(0, c, oh, ow)
-    boxes = boxes.to(device=x.device, dtype=torch.float64)
-    top, left, h, w = boxes.unbind(1)
+    top, left, h, w = boxes.to(device=x.device, dtype=torch.float64).unbind(1)
     # Normalised coords with align_corners=False: pixel edge e maps to 2 * e / size - 1, so the
     # box's edges [left, left + w] map to [2 left / W - 1, 2 (left + w) / W - 1].
     sx = w / width
@@ -174,15 +183,21 @@ def resized_crop(
 def random_resized_crop(
     x: torch.Tensor,
     *,
+    hflip_p: float = 0.5,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     out_size: tuple[int, int] | None = None,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """torchvision-style ``RandomResizedCrop`` on a whole batch, one independent box per image.
+    """torchvision's ``RandomResizedCrop`` then ``RandomHorizontalFlip(hflip_p)`` on a whole batch.
+
+    One independent box (:func:`sample_crop_boxes`) and one flip draw (``U(0, 1) < hflip_p``, drawn
+    for every image even when ``hflip_p`` is 0 or 1, so the randomness consumed is fixed) per image;
+    the flip is folded into :func:`resized_crop`'s sampling grid.
 
     Args:
         x: ``(B, C, H, W)`` images, uint8 or float.
+        hflip_p: probability of mirroring an image left-right.
         scale, ratio: see :func:`sample_crop_boxes`.
         out_size: ``(H_out, W_out)``; default ``(H, W)``.
         generator: on ``x.device``.
@@ -193,24 +208,8 @@ def random_resized_crop(
     _check_image_batch(x)
     b, _, height, width = x.shape
     boxes = sample_crop_boxes(b, height, width, scale=scale, ratio=ratio, generator=generator)
-    return resized_crop(x, boxes, out_size)
-
-
-def random_hflip(x: torch.Tensor, p: float = 0.5, *, generator: torch.Generator) -> torch.Tensor:
-    """Mirror each image left-right independently with probability ``p``.
-
-    Args:
-        x: ``(B, C, H, W)`` images of any dtype.
-        p: flip probability.
-        generator: on ``x.device``.
-
-    Returns:
-        ``(B, C, H, W)``, same dtype as ``x``.
-    """
-    _check_image_batch(x)
-    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < p
-    # torch.where instead of boolean indexing: indexing with a mask syncs with the host on CUDA.
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    flip = torch.rand(b, device=x.device, generator=generator) < hflip_p
+    return resized_crop(x, boxes, out_size, flip=flip)
 
 
 def _log_gamma_variate(shape: float, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -220,8 +219,7 @@ def _log_gamma_variate(shape: float, n: int, generator: torch.Generator) -> torc
     and keeps Marsaglia-Tsang in its high-acceptance regime; working in logs keeps tiny draws (small
     shapes) from underflowing to 0.
     """
-    device = generator.device
-    kw = {"dtype": torch.float64, "device": device, "generator": generator}
+    kw = {"dtype": torch.float64, "device": generator.device, "generator": generator}
     d = shape + 1 - 1 / 3
     c = 1 / math.sqrt(9 * d)
     z = torch.randn(n, _GAMMA_CANDIDATES, **kw)
@@ -272,11 +270,12 @@ def mixup(
     alpha: float = 0.8,
     *,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mixup with one lambda for the whole batch: ``lam * x + (1 - lam) * x[perm]``.
 
-    Targets are mixed the same way, so ``soft_cross_entropy(logits, mixed_targets)`` equals
-    ``lam * CE(logits, y_a) + (1 - lam) * CE(logits, y_b)`` (the loss is linear in the targets).
+    Targets are mixed the same way, so the soft-target cross-entropy
+    ``-(mixed_targets * log_softmax(logits)).sum(-1)`` equals
+    ``lam * CE(logits, t) + (1 - lam) * CE(logits, t[perm])`` (the loss is linear in the targets).
     Pairing uses a random permutation (as in the mixup paper's code), not FFCV's roll-by-one of an
     already shuffled batch; both pair each image with a random partner.
 
@@ -287,18 +286,16 @@ def mixup(
         generator: on ``x.device``.
 
     Returns:
-        ``(mixed_x, mixed_targets, (y_a, y_b, lam))`` where ``y_a = targets``,
-        ``y_b = targets[perm]`` (``(B, K)``; :func:`mixup_accuracy` accepts them) and ``lam`` is a
-        0-dim float32 tensor.
+        ``(mixed_x, mixed_targets, perm, lam)``: ``perm`` is the ``(B,)`` int64 partner of each
+        sample (``labels[perm]`` are the partners' labels) and ``lam`` a 0-dim float32 tensor.
     """
     perm, lam = sample_mixup(x.shape[0], alpha, generator=generator)
     xf = _as_float(x)
     # lerp(x[perm], x, lam) = x[perm] + lam * (x - x[perm]): one fused kernel. index_select, not
     # x[perm]: advanced indexing is ~6x slower on CPU.
     mixed_x = torch.lerp(xf.index_select(0, perm), xf, lam.to(xf.dtype))
-    y_b = targets.index_select(0, perm)
-    mixed_t = torch.lerp(y_b, targets, lam.to(targets.dtype))
-    return mixed_x, mixed_t, (targets, y_b, lam)
+    mixed_t = torch.lerp(targets.index_select(0, perm), targets, lam.to(targets.dtype))
+    return mixed_x, mixed_t, perm, lam
 
 
 def smooth_one_hot(y: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
@@ -319,63 +316,6 @@ def smooth_one_hot(y: torch.Tensor, num_classes: int, smoothing: float = 0.0) ->
     return one_hot * (1.0 - smoothing) + smoothing / num_classes
 
 
-def soft_cross_entropy(
-    logits: torch.Tensor, soft_targets: torch.Tensor, reduction: str = "mean"
-) -> torch.Tensor:
-    """Cross-entropy against soft targets: ``-(soft_targets * log_softmax(logits)).sum(-1)``.
-
-    Args:
-        logits: ``(B, K)``.
-        soft_targets: ``(B, K)`` rows summing to 1.
-        reduction: ``"mean"`` (over the batch), ``"sum"`` or ``"none"`` (``(B,)``).
-
-    Returns:
-        0-dim loss, or ``(B,)`` for ``reduction="none"``; float32 for half-precision logits, since
-        log-softmax in fp16/bf16 loses precision (``F.cross_entropy`` upcasts under autocast too).
-    """
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    per_sample = -(soft_targets.to(logits.dtype) * F.log_softmax(logits, dim=-1)).sum(-1)
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    if reduction == "none":
-        return per_sample
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-
-
-def mixup_accuracy(
-    logits: torch.Tensor,
-    y_a: torch.Tensor,
-    y_b: torch.Tensor,
-    lam: torch.Tensor | float | None = None,
-) -> torch.Tensor:
-    """Mixup-aware top-1 train accuracy of the paper's code: ``max(acc wrt y_a, acc wrt y_b)``.
-
-    The max is taken over the two batch accuracies, not per sample, and ``lam`` does not enter
-    (the paper's ``topk_acc`` ignores it); it is accepted only so that the ``(y_a, y_b, lam)``
-    triple from :func:`mixup` can be passed through unchanged. Without mixup pass ``y_b = y_a``.
-    This overstates accuracy against the mixed targets; it is a cheap progress signal, not a metric
-    to compare with eval accuracy.
-
-    Args:
-        logits: ``(B, K)``.
-        y_a, y_b: ``(B,)`` int labels, or ``(B, K)`` (soft) targets whose argmax is the label.
-        lam: ignored.
-
-    Returns:
-        0-dim float32 tensor in ``[0, 1]`` (NaN for an empty batch); no host sync.
-    """
-    del lam  # documented as unused: the reference metric does not weight by lambda
-    pred = logits.argmax(dim=-1)
-    labels_a = y_a.argmax(dim=-1) if y_a.ndim == 2 else y_a
-    labels_b = y_b.argmax(dim=-1) if y_b.ndim == 2 else y_b
-    acc_a = (pred == labels_a).to(torch.float32).mean()
-    acc_b = (pred == labels_b).to(torch.float32).mean()
-    return torch.maximum(acc_a, acc_b)
-
-
 def normalize(
     x: torch.Tensor,
     mean: Sequence[float] | torch.Tensor,
@@ -385,7 +325,8 @@ def normalize(
 
     Args:
         x: ``(B, C, H, W)``; integer inputs are converted to float32.
-        mean, std: ``(C,)``, in the same units as ``x`` (e.g. 0..255 for uint8-valued images).
+        mean, std: ``(C,)`` (or any shape with ``C`` elements), in the same units as ``x`` (e.g.
+            0..255 for uint8-valued images).
 
     Returns:
         ``(B, C, H, W)`` float.

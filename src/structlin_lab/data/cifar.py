@@ -130,16 +130,12 @@ def _load_source(name: str, src: Path, cache_dir: Path) -> CifarArrays:
         raise FileNotFoundError(f"CIFAR source {src} does not exist; {_SOURCE_HELP}")
     cache = cache_dir / f"{name}-{_source_key(src)}.npz"
     if cache.is_file():
-        arrays = _read_cache(cache)
+        arrays = load_npz(CifarArrays, cache)
         if arrays is not None:
             return arrays
     log.info("decoding %s from %s (cached afterwards in %s)", name, src, cache)
     arrays = _decode_source(name, src)
-    try:
-        _write_cache(cache, arrays)
-    except OSError as e:
-        # A read-only cache dir should cost a re-decode next time, not the data now.
-        log.warning("could not write cache %s: %s", cache, e)
+    save_npz(arrays, cache)
     return arrays
 
 
@@ -168,14 +164,6 @@ def _find_cached(name: str, cache_dir: Path) -> CifarArrays | None:
         preferred.append(cache_dir / f"{name}-{_source_key(archive)}.npz")
     # "cifar10-*" cannot match "cifar100-*".
     return load_first_npz(CifarArrays, preferred, cache_dir, f"{name}-*.npz")
-
-
-def _read_cache(path: Path) -> CifarArrays | None:
-    return load_npz(CifarArrays, path)
-
-
-def _write_cache(path: Path, arrays: CifarArrays) -> None:
-    save_npz(arrays, path)
 
 
 def _download(remote: Remote, dest: Path) -> None:

@@ -145,34 +145,20 @@ def load_fashion_mnist(
     cache_dir = _cache_dir(root)
     if source is not None:
         return _load_source(Path(source).expanduser(), cache_dir)
-
     cached = _find_cached(cache_dir)
     if cached is not None:
         return cached
     downloads = cache_dir / _DOWNLOAD_DIR
-    if all((downloads / r.filename).is_file() for r in _REMOTES.values()):
-        # An earlier download whose decode was deleted or never cached: no need to fetch again.
-        return _load_source(downloads, cache_dir, cache_name=_CANONICAL_CACHE)
-    if not download:
-        raise FileNotFoundError(f"no Fashion-MNIST data cached in {cache_dir}; {_SOURCE_HELP}")
-
-    try:
-        for remote in _REMOTES.values():
-            dest = downloads / remote.filename
-            if not dest.is_file():
-                _download(remote, dest)
-    except (ConnectionError, ValueError) as e:
-        log.warning("official download failed (%s); trying the Debian package %s", e, _DEB_PACKAGE)
+    # Files of an earlier download whose decode was deleted or never cached need no new fetch.
+    if not all((downloads / r.filename).is_file() for r in _REMOTES.values()):
+        if not download:
+            raise FileNotFoundError(f"no Fashion-MNIST data cached in {cache_dir}; {_SOURCE_HELP}")
         try:
-            arrays = _from_debian()
-        except (RuntimeError, OSError, ValueError) as deb_error:
-            kind = ConnectionError if isinstance(e, ConnectionError) else ValueError
-            raise kind(
-                f"{e}; the fallback through the Debian package {_DEB_PACKAGE} failed too: "
-                f"{deb_error}"
-            ) from e
-        _try_write_cache(cache_dir / _CANONICAL_CACHE, arrays)
-        return arrays
+            _download_missing(downloads)
+        except (ConnectionError, ValueError) as e:
+            arrays = _from_debian_after(e)
+            save_npz(arrays, cache_dir / _CANONICAL_CACHE)
+            return arrays
     return _load_source(downloads, cache_dir, cache_name=_CANONICAL_CACHE)
 
 
@@ -215,12 +201,12 @@ def _load_source(
     cache = cache_dir / name
     if cache.is_file() and cache_name is None:
         # Canonical caches are only consulted by _find_cached: they do not name their source.
-        arrays = _read_cache(cache)
+        arrays = load_npz(FashionMnistArrays, cache)
         if arrays is not None:
             return arrays
     log.info("decoding Fashion-MNIST from %s (cached afterwards in %s)", folder, cache)
     arrays = _decode({f.name: _read_idx_bytes(files[f.name]) for f in _FILES}, str(folder))
-    _try_write_cache(cache, arrays)
+    save_npz(arrays, cache)
     return arrays
 
 
@@ -230,18 +216,6 @@ def _find_cached(cache_dir: Path) -> FashionMnistArrays | None:
     # The canonical (downloaded, checksummed) decode first, then other sources' newest first.
     preferred = [cache_dir / _CANONICAL_CACHE]
     return load_first_npz(FashionMnistArrays, preferred, cache_dir, "fashion-mnist-*.npz")
-
-
-def _read_cache(path: Path) -> FashionMnistArrays | None:
-    return load_npz(FashionMnistArrays, path)
-
-
-def _try_write_cache(path: Path, arrays: FashionMnistArrays) -> None:
-    try:
-        save_npz(arrays, path)
-    except OSError as e:
-        # A read-only cache dir should cost a re-decode next time, not the data now.
-        log.warning("could not write cache %s: %s", path, e)
 
 
 # --- IDX decoding --------------------------------------------------------------------------------
@@ -314,6 +288,26 @@ def _download(remote: Remote, dest: Path) -> None:
         remote.md5,
         fetch_hint="fetch the four files by other means and pass source=<their folder>",
     )
+
+
+def _download_missing(downloads: Path) -> None:
+    for remote in _REMOTES.values():
+        dest = downloads / remote.filename
+        if not dest.is_file():
+            _download(remote, dest)
+
+
+def _from_debian_after(error: ConnectionError | ValueError) -> FashionMnistArrays:
+    """The Debian package's copy, after the official download failed with ``error``."""
+    log.warning("official download failed (%s); trying the Debian package %s", error, _DEB_PACKAGE)
+    try:
+        return _from_debian()
+    except (RuntimeError, OSError, ValueError) as deb_error:
+        kind = ConnectionError if isinstance(error, ConnectionError) else ValueError
+        raise kind(
+            f"{error}; the fallback through the Debian package {_DEB_PACKAGE} failed too: "
+            f"{deb_error}"
+        ) from error
 
 
 def _run(cmd: list[str], cwd: Path) -> None:

@@ -20,23 +20,22 @@ Pointing it at an extracted ILSVRC2012:
 With this layout the labels follow sorted-wnid order, the same as torchvision's ``ImageFolder``.
 
 Only cheap per-sample work happens here: decoding with Pillow and the geometric crop, yielding
-uint8 ``(3, S, S)`` tensors. Normalisation, mixup and label smoothing are meant to run batched on
-the training device afterwards, e.g. with :func:`structlin_lab.data.augment.normalize`,
-:func:`~structlin_lab.data.augment.mixup` and :func:`~structlin_lab.data.augment.smooth_one_hot`.
+uint8 ``(3, S, S)`` tensors. Normalisation, mixup and label smoothing run batched on the training
+device afterwards (:class:`~structlin_lab.data.stream.StreamingImageBatches`).
 
 Transforms (no torchvision needed; they follow torchvision's PIL code paths):
 
-- train: ``RandomResizedCrop(S, scale=(0.08, 1), ratio=(3/4, 4/3))`` with torchvision's sampling
-  (10 tries, then the central fallback), then a horizontal flip with probability 0.5.
+- train: ``RandomResizedCrop(S, scale=(0.08, 1), ratio=(3/4, 4/3))``, its box drawn by
+  :func:`~structlin_lab.data.augment.sample_crop_boxes` (torchvision's sampling: 10 tries, then
+  the central fallback), then a horizontal flip with probability 0.5.
 - val: resize the shorter side to ``int(S / 0.875)`` (256 for 224), then a ``S x S`` centre crop.
 
-Both resize with bicubic interpolation by default, as the paper's timm ViT recipe does (reference
-§5.4: "Eval: bicubic, crop 224/256"); ``interpolation="bilinear"`` gives torchvision's default.
+Both resize with bicubic interpolation, as the timm recipe of the paper's ViT experiments does
+(evaluation: bicubic resize to 256, centre crop 224).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
+
+from .augment import derive_seed, sample_crop_boxes
 
 __all__ = [
     "IMAGENET_MEAN_255",
@@ -63,13 +64,18 @@ _SPLITS = ("train", "val")
 _IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
 # timm / torchvision convention: resize to size / crop_pct, then centre-crop to size.
 _VAL_CROP_PCT = 0.875
-_CROP_TRIES = 10
-_INTERPOLATIONS = ("bilinear", "bicubic")
+_HFLIP_P = 0.5
 
 
-def _seed(*parts: int) -> int:
-    # SeedSequence hashes its inputs, so nearby (seed, rank, epoch) give unrelated streams.
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+def _require_pillow() -> Any:
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("ImageFolder needs Pillow: pip install 'structlin[data]'") from e
+    return Image
+
+
+# --- the folder index ----------------------------------------------------------------------------
 
 
 def _list_classes(split_dir: Path) -> list[str]:
@@ -87,56 +93,93 @@ def _diff_message(a: list[str], b: list[str], name_a: str, name_b: str) -> str:
     return "; ".join(parts)
 
 
-def random_resized_crop_box(
-    height: int,
-    width: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` of a random crop, as torchvision's ``RandomResizedCrop.get_params``.
+def _split_dir(root: Path, split: str) -> Path:
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"image-folder root {root} does not exist or is not a folder; expected "
+            f"{root}/{{train,val}}/<class>/*.JPEG (see structlin_lab.data.imagenet's docs)"
+        )
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(
+            f"split folder {split_dir} does not exist; expected {split_dir}/<class>/*.JPEG "
+            "(for ILSVRC2012 val, sort the flat val images into <wnid>/ folders first)"
+        )
+    return split_dir
 
-    Up to 10 tries draw an area fraction uniformly from ``scale`` and an aspect ratio
-    log-uniformly from ``ratio``; the first box that fits is placed uniformly at random. If none
-    fits, the largest centred box whose aspect ratio is clamped into ``ratio`` is used.
+
+def _checked_classes(root: Path, split: str) -> list[str]:
+    """The class folders of ``root/split``, which must equal the other split's (if present)."""
+    classes = _list_classes(root / split)
+    if not classes:
+        raise ValueError(f"{root / split} has no class folders; expected {root / split}/<class>/")
+    other = root / _SPLITS[1 - _SPLITS.index(split)]
+    if other.is_dir():
+        by_split = {split: classes, other.name: _list_classes(other)}
+        if by_split["train"] != by_split["val"]:
+            raise ValueError(
+                f"class folders differ between {root / 'train'} ({len(by_split['train'])}) and "
+                f"{root / 'val'} ({len(by_split['val'])}), so labels would not agree: "
+                + _diff_message(by_split["train"], by_split["val"], "train", "val")
+            )
+    return classes
+
+
+def _image_names(class_dir: Path) -> list[bytes]:
+    names = sorted(
+        e.name
+        for e in os.scandir(class_dir)
+        if not e.name.startswith(".")
+        and os.path.splitext(e.name)[1].lower() in _IMAGE_SUFFIXES
+        and e.is_file()
+    )
+    if not names:
+        raise ValueError(f"class folder {class_dir} holds no images (*.JPEG, *.jpg, *.jpeg, *.png)")
+    return [os.fsencode(n) for n in names]
+
+
+def _pack_names(names: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """One uint8 buffer of all names and the ``(n + 1,)`` int64 offsets that slice it.
+
+    A numpy buffer rather than a list of Python strings, so forked workers do not gradually copy
+    the list: reference counting writes to every object's page, and with 1.28M paths that costs
+    each worker hundreds of MB.
     """
-    area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(_CROP_TRIES):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        # Python's round (half to even), as torchvision.
-        w = round(math.sqrt(target_area * aspect))
-        h = round(math.sqrt(target_area / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, round(width / min(ratio))
-    elif in_ratio > max(ratio):
-        w, h = round(height * max(ratio)), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    lengths = np.fromiter((len(n) for n in names), dtype=np.int64, count=len(names))
+    offsets = np.zeros(len(names) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return np.frombuffer(b"".join(names), dtype=np.uint8), offsets
 
 
-def val_resize_size(height: int, width: int, image_size: int) -> tuple[int, int]:
-    """``(h, w)`` after resizing the shorter side to ``int(image_size / 0.875)``.
+# --- transforms ----------------------------------------------------------------------------------
 
-    Same arithmetic as torchvision's ``Resize(int)``: the longer side becomes
-    ``int(short_new * long / short)`` (truncated, not rounded).
+
+def _eval_crop(img: Any, size: int) -> Any:
+    """Resize the shorter side to ``int(size / 0.875)``, then centre-crop ``size x size``.
+
+    Same arithmetic as torchvision's ``Resize(int)`` (the longer side becomes
+    ``int(short_new * long / short)``, truncated) and ``CenterCrop`` (offsets rounded half to even).
     """
-    short_new = int(image_size / _VAL_CROP_PCT)
+    short_new = int(size / _VAL_CROP_PCT)
+    height, width = img.height, img.width
     if height <= width:
-        return short_new, int(short_new * width / height)
-    return int(short_new * height / width), short_new
+        h, w = short_new, int(short_new * width / height)
+    else:
+        h, w = int(short_new * height / width), short_new
+    img = img.resize((w, h), _require_pillow().Resampling.BICUBIC)
+    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
+    return img.crop((left, top, left + size, top + size))
 
 
-def center_crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
-    """``(top, left)`` of a ``size x size`` centre crop, rounded as torchvision's ``CenterCrop``."""
-    return round((height - size) / 2.0), round((width - size) / 2.0)
+def _train_crop(img: Any, size: int, generator: torch.Generator) -> Any:
+    """Random resized crop to ``size x size``, then a horizontal flip with probability 0.5."""
+    image = _require_pillow()
+    box = sample_crop_boxes(1, img.height, img.width, generator=generator)
+    top, left, h, w = box[0].tolist()
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), image.Resampling.BICUBIC)
+    if torch.rand(1, generator=generator).item() < _HFLIP_P:
+        img = img.transpose(image.Transpose.FLIP_LEFT_RIGHT)
+    return img
 
 
 class ImageFolder(Dataset):
@@ -144,20 +187,15 @@ class ImageFolder(Dataset):
 
     See the module docstring for the expected layout, how to prepare ILSVRC2012 and the exact
     transforms. Images are decoded with Pillow and converted to RGB (greyscale and CMYK JPEGs, which
-    ILSVRC2012 contains, included).
+    ILSVRC2012 contains, included). Samples are ordered by class, then file name.
 
-    Randomness (train mode): each process keeps its own ``numpy`` generator, created lazily on the
-    first sample it loads. In a DataLoader worker it is seeded from ``(seed, worker seed)``, where
-    the worker seed (``torch.initial_seed()`` there) derives from the DataLoader's ``generator``;
-    in the main process (``num_workers=0`` or direct indexing) from ``seed`` alone. So a run is
-    reproducible given the seeds, the batch size and the number of workers (the DataLoader hands
-    batch ``k`` of every epoch to worker ``k mod num_workers``). Assigning a new ``seed`` reseeds
-    the generator on its next use in that process (worker processes hold their own copy).
-
-    Samples are ordered by class, then file name. File names are kept in one numpy byte buffer
-    rather than a list of Python strings, so forked workers do not gradually copy the whole list
-    (reference counting touches every object's page; with 1.28M paths that costs each worker
-    hundreds of MB).
+    Randomness (train mode): each process keeps its own CPU ``torch.Generator``, created lazily on
+    the first sample it loads. In a DataLoader worker it is seeded from ``(seed, worker seed)``,
+    where the worker seed (``torch.initial_seed()`` there) derives from the DataLoader's
+    ``generator``; in the main process (``num_workers=0`` or direct indexing) from ``seed`` alone.
+    So a run is reproducible given the seeds, the batch size and the number of workers (the
+    DataLoader hands batch ``k`` of every epoch to worker ``k mod num_workers``). Assigning a new
+    ``seed`` reseeds the generator on its next use in that process (workers hold their own copy).
 
     Args:
         root: folder holding ``train/`` and ``val/``.
@@ -165,7 +203,6 @@ class ImageFolder(Dataset):
         image_size: output side ``S``.
         train: random-resized-crop + flip if true, resize + centre crop if false; default
             ``split == "train"``.
-        interpolation: ``"bicubic"`` (default, the paper's timm recipe) or ``"bilinear"``.
         seed: seed of the per-process augmentation generator (see above).
 
     Raises:
@@ -182,80 +219,26 @@ class ImageFolder(Dataset):
         *,
         image_size: int = 224,
         train: bool | None = None,
-        interpolation: str = "bicubic",
         seed: int = 0,
     ) -> None:
-        try:
-            from PIL import Image
-        except ImportError as e:
-            raise ImportError("ImageFolder needs Pillow: pip install 'structlin[data]'") from e
+        _require_pillow()
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
-        if interpolation not in _INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}"
-            )
         self.root = Path(root).expanduser()
         self.split = split
         self.image_size = image_size
         self.train = split == "train" if train is None else train
-        self.interpolation = interpolation
         self.seed = seed
-        self._resample = (
-            Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
-        )
-
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"image-folder root {self.root} does not exist or is not a folder; expected "
-                f"{self.root}/{{train,val}}/<class>/*.JPEG (see structlin_lab.data.imagenet's docs)"
-            )
-        split_dir = self.root / split
-        if not split_dir.is_dir():
-            raise FileNotFoundError(
-                f"split folder {split_dir} does not exist; expected {split_dir}/<class>/*.JPEG "
-                "(for ILSVRC2012 val, sort the flat val images into <wnid>/ folders first)"
-            )
-        self.classes = _list_classes(split_dir)
-        if not self.classes:
-            raise ValueError(f"{split_dir} has no class folders; expected {split_dir}/<class>/")
-        other = self.root / _SPLITS[1 - _SPLITS.index(split)]
-        if other.is_dir():
-            other_classes = _list_classes(other)
-            if other_classes != self.classes:
-                by_split = {split: self.classes, other.name: other_classes}
-                raise ValueError(
-                    f"class folders differ between {self.root / 'train'} "
-                    f"({len(by_split['train'])}) and {self.root / 'val'} ({len(by_split['val'])}), "
-                    "so labels would not agree: "
-                    + _diff_message(by_split["train"], by_split["val"], "train", "val")
-                )
+        split_dir = _split_dir(self.root, split)
+        self.classes = _checked_classes(self.root, split)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
-        names: list[bytes] = []
-        counts: list[int] = []
-        for c in self.classes:
-            files = sorted(
-                e.name
-                for e in os.scandir(split_dir / c)
-                if not e.name.startswith(".")
-                and os.path.splitext(e.name)[1].lower() in _IMAGE_SUFFIXES
-                and e.is_file()
-            )
-            if not files:
-                raise ValueError(
-                    f"class folder {split_dir / c} holds no images (*.JPEG, *.jpg, *.jpeg, *.png)"
-                )
-            names += (os.fsencode(f) for f in files)
-            counts.append(len(files))
-        lengths = np.fromiter((len(n) for n in names), dtype=np.int64, count=len(names))
-        self._offsets = np.zeros(len(names) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=self._offsets[1:])
-        self._names = np.frombuffer(b"".join(names), dtype=np.uint8)
+        per_class = [_image_names(split_dir / c) for c in self.classes]
+        self._names, self._offsets = _pack_names([n for names in per_class for n in names])
+        counts = [len(names) for names in per_class]
         self.targets = np.repeat(np.arange(len(self.classes), dtype=np.int64), counts)
-        self._rng: np.random.Generator | None = None
+        self._rng: torch.Generator | None = None
         self._rng_key: tuple[Any, ...] | None = None
 
     def __len__(self) -> int:
@@ -273,11 +256,6 @@ class ImageFolder(Dataset):
         name = os.fsdecode(self._names[self._offsets[index] : self._offsets[index + 1]].tobytes())
         return self.root / self.split / self.classes[self.targets[index]] / name
 
-    @property
-    def samples(self) -> list[tuple[Path, int]]:
-        """``(path, label)`` of every sample, built on demand (torchvision-style; not cheap)."""
-        return [(self.path(i), int(self.targets[i])) for i in range(len(self))]
-
     def __getstate__(self) -> dict[str, Any]:
         # A generator created in the parent must not be inherited by workers (they would all
         # replay the same stream); each process builds its own.
@@ -285,13 +263,13 @@ class ImageFolder(Dataset):
         state["_rng"] = state["_rng_key"] = None
         return state
 
-    def _generator(self) -> np.random.Generator:
+    def _generator(self) -> torch.Generator:
         info = get_worker_info()
         # The pid catches forked copies that inherited a generator without being pickled.
         key = (os.getpid(), self.seed, None if info is None else (info.id, info.seed))
         if self._rng is None or self._rng_key != key:
-            entropy = [self.seed] if info is None else [self.seed, info.seed]
-            self._rng = np.random.default_rng(entropy)
+            parts = [self.seed] if info is None else [self.seed, info.seed]
+            self._rng = torch.Generator().manual_seed(derive_seed(*parts))
             self._rng_key = key
         return self._rng
 
@@ -299,22 +277,12 @@ class ImageFolder(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         index %= len(self)
-        from PIL import Image
-
-        with Image.open(self.path(index)) as f:
+        with _require_pillow().open(self.path(index)) as f:
             img = f.convert("RGB")
-        size = self.image_size
         if self.train:
-            rng = self._generator()
-            top, left, h, w = random_resized_crop_box(img.height, img.width, rng)
-            img = img.crop((left, top, left + w, top + h)).resize((size, size), self._resample)
-            if rng.random() < 0.5:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            img = _train_crop(img, self.image_size, self._generator())
         else:
-            h, w = val_resize_size(img.height, img.width, size)
-            img = img.resize((w, h), self._resample)
-            top, left = center_crop_offsets(h, w, size)
-            img = img.crop((left, top, left + size, top + size))
+            img = _eval_crop(img, self.image_size)
         # np.array copies into a writable array (np.asarray of a PIL image may be read-only).
         x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         return x, int(self.targets[index])
@@ -338,14 +306,15 @@ class ImageNetLoader(DataLoader):
         generator, so with ``num_workers=0`` an epoch depends only on ``(seed, rank, epoch)``, and
         a resumed run sees the same order as an uninterrupted one. Persistent workers keep their
         augmentation generators across epochs: their crops stay reproducible for a run started
-        from epoch 0, but not across a resume.
+        from epoch 0, but not across a resume. Rank enters the seeds (the shuffle is shared
+        through the sampler), so that ranks do not apply identical crop sequences.
         """
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
         if self.generator is not None:
-            self.generator.manual_seed(_seed(self._loader_seed, self._rank, epoch))
+            self.generator.manual_seed(derive_seed(self._loader_seed, self._rank, epoch))
         if isinstance(self.dataset, ImageFolder):
-            self.dataset.seed = _seed(self._loader_seed, self._rank, epoch, 1)
+            self.dataset.seed = derive_seed(self._loader_seed, self._rank, epoch, 1)
 
 
 def imagenet_loader(
@@ -359,26 +328,19 @@ def imagenet_loader(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool | None = None,
-    interpolation: str = "bicubic",
 ) -> ImageNetLoader:
     """A DataLoader of ``(uint8 (B, 3, S, S), int64 (B,))`` batches over one split of ``root``.
 
     Train mode (random-resized-crop + flip, shuffled) for ``split="train"``, eval mode (resize +
-    centre crop, in order) for ``"val"``; see the module docstring for layout and transforms.
-    Move batches to the device and finish there, e.g.::
+    centre crop, in order) for ``"val"``; see the module docstring for layout and transforms. Call
+    ``set_epoch(epoch)`` before every epoch (needed under DDP, see :meth:`ImageNetLoader.set_epoch`)
+    and finish the batches on the device with
+    :class:`~structlin_lab.data.stream.StreamingImageBatches`.
 
-        loader = imagenet_loader(root, "train", batch_size=384, rank=rank, world_size=world)
-        for epoch in range(epochs):
-            loader.set_epoch(epoch)  # needed under DDP, see ImageNetLoader.set_epoch
-            for x, y in loader:
-                x = normalize(x.to(device, non_blocking=True), IMAGENET_MEAN_255, IMAGENET_STD_255)
-                ...
-
-    With ``world_size > 1`` each rank reads a disjoint shard through a
-    :class:`~torch.utils.data.distributed.DistributedSampler` (shuffled with ``seed`` and the
-    epoch for train; in order for val). For val with ``drop_last=False`` that sampler pads the
-    shards to equal length by repeating up to ``world_size - 1`` samples, so sharded val metrics
-    count those twice; evaluate on one rank, or de-duplicate, where exact numbers matter.
+    With ``world_size > 1`` each rank reads a disjoint shard through a ``DistributedSampler``
+    (shuffled with ``seed`` and the epoch for train; in order for val). For val with
+    ``drop_last=False`` it pads the shards to equal length by repeating up to ``world_size - 1``
+    samples, which sharded val metrics count twice; evaluate on one rank where that matters.
 
     Args:
         root: folder holding ``train/`` and ``val/``.
@@ -386,15 +348,53 @@ def imagenet_loader(
         batch_size: samples per batch on this rank.
         image_size: output side ``S``.
         num_workers: decoding processes (kept alive across epochs when > 0); 0 decodes in the
-            calling process.
+            calling process. Pinned memory is used when CUDA is available.
         seed: seeds the shuffle (through a dedicated ``torch.Generator``, and the
             DistributedSampler's ``seed``), the workers' seeds and the augmentation generator.
         rank, world_size: this process's shard for DDP.
         drop_last: drop the incomplete last batch; default true for train, false for val.
-        interpolation: ``"bicubic"`` or ``"bilinear"``.
-
-    Pinned memory is used when CUDA is available.
     """
+    _check_loader_args(split, batch_size, num_workers, rank, world_size)
+    train = split == "train"
+    drop_last = train if drop_last is None else drop_last
+    dataset = ImageFolder(root, split, image_size=image_size, train=train)
+    sampler = _shard_sampler(dataset, rank, world_size, train=train, seed=seed, drop_last=drop_last)
+    loader = ImageNetLoader(
+        dataset,
+        seed=seed,
+        rank=rank,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        generator=torch.Generator(),
+        persistent_workers=num_workers > 0,
+    )
+    loader.set_epoch(0)  # seeds the shuffle and the augmentations
+    return loader
+
+
+def _shard_sampler(
+    dataset: ImageFolder, rank: int, world_size: int, *, train: bool, seed: int, drop_last: bool
+) -> DistributedSampler | None:
+    """This rank's ``DistributedSampler`` (shuffled in train mode), or None for one process."""
+    if world_size == 1:
+        return None
+    return DistributedSampler(
+        dataset,
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=train,
+        seed=seed,
+        drop_last=drop_last,
+    )
+
+
+def _check_loader_args(
+    split: str, batch_size: int, num_workers: int, rank: int, world_size: int
+) -> None:
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     if batch_size < 1:
@@ -405,41 +405,3 @@ def imagenet_loader(
         raise ValueError(
             f"need world_size >= 1 and 0 <= rank < world_size, got {rank}/{world_size}"
         )
-    train = split == "train"
-    if drop_last is None:
-        drop_last = train
-    # Rank enters the augmentation and worker seeds (the shuffle is shared through the sampler),
-    # so that ranks do not apply identical crop sequences.
-    dataset = ImageFolder(
-        root,
-        split,
-        image_size=image_size,
-        train=train,
-        interpolation=interpolation,
-        seed=_seed(seed, rank, 0, 1),
-    )
-    generator = torch.Generator()
-    generator.manual_seed(_seed(seed, rank, 0))
-    sampler: DistributedSampler | None = None
-    if world_size > 1:
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=world_size,
-            rank=rank,
-            shuffle=train,
-            seed=seed,
-            drop_last=drop_last,
-        )
-    return ImageNetLoader(
-        dataset,
-        seed=seed,
-        rank=rank,
-        batch_size=batch_size,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
-        generator=generator,
-        persistent_workers=num_workers > 0,
-    )

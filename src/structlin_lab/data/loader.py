@@ -1,9 +1,9 @@
-"""An on-device batch loader for small uint8 image datasets (CIFAR-size), with the §5.1 recipe.
+"""An on-device batch loader for small uint8 image datasets (CIFAR-size).
 
 The whole dataset is held once as a uint8 ``(N, C, H, W)`` tensor on the training device, and each
 batch is gathered, augmented (random resized crop + horizontal flip), mixed (mixup) and normalised
-there with batched tensor ops. For CIFAR-10 that is 150 MiB of device memory and no worker
-processes, host-device copies or per-sample Python.
+there with batched tensor ops (the recipe of :mod:`structlin_lab.data.augment`). For CIFAR-10 that
+is 150 MiB of device memory and no worker processes, host-device copies or per-sample Python.
 
 Sampling, sharding and resume:
 
@@ -39,9 +39,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .augment import resized_crop, sample_crop_boxes, sample_mixup, smooth_one_hot
+from .augment import (
+    derive_seed,
+    mixup,
+    normalize,
+    random_resized_crop,
+    smooth_one_hot,
+)
 
-__all__ = ["ImageBatch", "TensorImageLoader"]
+__all__ = ["ImageBatch", "TensorImageLoader", "make_image_batch"]
 
 # Independent seed streams for the permutation and the augmentations, so they never collide.
 _PERM_STREAM = 0
@@ -54,14 +60,14 @@ class ImageBatch:
 
     Attributes:
         x: ``(B, C, H, W)`` float32, augmented, mixed and normalised inputs.
-        targets: ``(B, K)`` float32 soft targets for ``soft_cross_entropy`` (label smoothing and
-            mixup applied; plain one-hot in eval mode).
+        targets: ``(B, K)`` float32 soft targets (label smoothing and mixup applied; plain one-hot
+            in eval mode): the loss is ``-(targets * log_softmax(logits)).sum(-1)``.
         labels: ``(B,)`` int64 true labels of the samples in ``x`` (before mixing).
         y_a: ``(B,)`` int64, equal to ``labels``.
         y_b: ``(B,)`` int64 labels of the mixup partners (``labels`` when mixup is off).
-        lam: 0-dim float32 weight of ``y_a`` (1 when mixup is off), for
-            :func:`~structlin_lab.data.augment.mixup_accuracy`.
-        indices: ``(B,)`` int64 dataset indices of the samples, for debugging and bookkeeping.
+        lam: 0-dim float32 weight of ``y_a`` in the mix (1 when mixup is off).
+        indices: ``(B,)`` int64 dataset indices of the samples, for debugging and bookkeeping
+            (empty where the source does not know them).
     """
 
     x: torch.Tensor
@@ -73,9 +79,39 @@ class ImageBatch:
     indices: torch.Tensor
 
 
-def _seed(*parts: int) -> int:
-    # SeedSequence hashes its inputs, so nearby (seed, epoch, rank) give unrelated streams.
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0])
+def make_image_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    num_classes: int,
+    label_smoothing: float,
+    mixup_alpha: float,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    generator: torch.Generator,
+) -> ImageBatch:
+    """Targets, mixup and normalisation of one batch, batched on its device (both loaders).
+
+    Args:
+        images: ``(B, C, H, W)`` uint8 or float images (already cropped), in 0..255 units.
+        labels: ``(B,)`` int64; ``indices``: ``(B,)`` int64, passed through.
+        num_classes: ``K``; label_smoothing: mass spread over the ``K`` classes.
+        mixup_alpha: Beta(alpha, alpha) mixup with one lambda per batch; 0 disables it (and then
+            draws nothing from ``generator``).
+        mean, std: ``(C,)`` float32 per-channel statistics in the images' units.
+        generator: on the images' device.
+    """
+    targets = smooth_one_hot(labels, num_classes, label_smoothing)
+    y_b, lam = labels, torch.ones((), device=images.device)
+    if mixup_alpha > 0:
+        images, targets, perm, lam = mixup(images, targets, mixup_alpha, generator=generator)
+        y_b = labels.index_select(0, perm)
+    # Normalising after mixing equals mixing normalised images (both are affine), as in FFCV.
+    x = normalize(images, mean, std)
+    return ImageBatch(
+        x=x, targets=targets, labels=labels, y_a=labels, y_b=y_b, lam=lam, indices=indices
+    )
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -84,6 +120,49 @@ def _resolve_device(device: str | torch.device) -> torch.device:
         # A generator and the tensors it fills must agree on the exact device.
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def _to_nchw_uint8(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    is_uint8 = (
+        images.dtype == torch.uint8
+        if isinstance(images, torch.Tensor)
+        else isinstance(images, np.ndarray) and images.dtype == np.uint8
+    )
+    if images.ndim != 4 or not is_uint8:
+        raise ValueError(
+            f"images must be uint8 (N, H, W, C), got {images.dtype} {tuple(images.shape)}"
+        )
+    if isinstance(images, np.ndarray):
+        # Transpose on the host so the device receives exactly one NCHW copy; np.array always
+        # copies, which also avoids torch's warning on read-only (e.g. memory-mapped) arrays.
+        return torch.from_numpy(np.array(images.transpose(0, 3, 1, 2), order="C")).to(device)
+    return images.to(device).permute(0, 3, 1, 2).contiguous()
+
+
+def _to_labels(
+    labels: np.ndarray | torch.Tensor, n: int, num_classes: int, device: torch.device
+) -> torch.Tensor:
+    y = torch.as_tensor(np.asarray(labels) if isinstance(labels, np.ndarray) else labels)
+    if y.shape != (n,) or y.is_floating_point() or y.is_complex():
+        raise ValueError(f"labels must be {n} integers, got {y.dtype} {tuple(y.shape)}")
+    y = y.to(device=device, dtype=torch.int64)
+    # One host sync at construction is cheap; out-of-range labels would fail later in one_hot.
+    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    return y
+
+
+def _stats_in_255_units(
+    mean: Sequence[float], std: Sequence[float], channels: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1, C, 1, 1)`` float32 ``mean * 255`` and ``std * 255``: uint8 data are 0..255, so the
+    ``/ 255`` folds into the statistics and normalising is one fused op per batch."""
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean and std need {channels} values (one per channel)")
+    shape = (1, channels, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(shape)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(shape)
+    return m * 255.0, s * 255.0
 
 
 class TensorImageLoader:
@@ -105,12 +184,11 @@ class TensorImageLoader:
             shuffling, and keeps the last partial batch.
         augment: random resized crop + horizontal flip (training only).
         mixup_alpha: Beta(alpha, alpha) mixup with one lambda per batch; 0 disables it.
-        label_smoothing: smoothing of the training targets (applied before mixing, which equals the
-            reference's smoothed CE on both labels weighted by lambda).
+        label_smoothing: smoothing of the training targets (applied before mixing, which equals
+            the smoothed cross-entropy on both labels weighted by lambda).
         seed: base seed of the permutation and augmentation streams.
         drop_last: drop the incomplete last global batch in training (see module docs).
         rank, world_size: this process's shard for DDP.
-        crop_scale, crop_ratio, hflip_p: augmentation parameters (defaults are the §5.1 recipe).
 
     Raises:
         ValueError: malformed inputs, or a training dataset too small for one global batch with
@@ -135,9 +213,6 @@ class TensorImageLoader:
         drop_last: bool = True,
         rank: int = 0,
         world_size: int = 1,
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        hflip_p: float = 0.5,
     ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
@@ -147,73 +222,27 @@ class TensorImageLoader:
         if mixup_alpha < 0:
             raise ValueError(f"mixup_alpha must be >= 0 (0 disables mixup), got {mixup_alpha}")
         self.device = _resolve_device(device)
-        self._images = self._to_nchw_uint8(images, self.device)
+        self._images = _to_nchw_uint8(images, self.device)
         n, c = self._images.shape[:2]
-        if len(mean) != c or len(std) != c:
-            raise ValueError(f"mean and std need {c} values (one per channel)")
-        self._labels = self._to_labels(labels, n, num_classes, self.device)
-
-        self.batch_size = batch_size
-        self.num_classes = num_classes
+        self._labels = _to_labels(labels, n, num_classes, self.device)
+        self._mean, self._std = _stats_in_255_units(mean, std, c, self.device)
+        self.batch_size, self.num_classes, self.seed = batch_size, num_classes, seed
+        self.rank, self.world_size = rank, world_size
         self.train = train
         self.augment = train and augment
         self.mixup_alpha = mixup_alpha if train else 0.0
         self.label_smoothing = label_smoothing if train else 0.0
         self.drop_last = drop_last and train
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.crop_scale = crop_scale
-        self.crop_ratio = crop_ratio
-        self.hflip_p = hflip_p
         if self.drop_last and n < self.global_batch_size:
             raise ValueError(
                 f"the dataset has {n} samples, fewer than one global batch of batch_size * "
                 f"world_size = {batch_size} * {world_size} = {self.global_batch_size}; lower "
                 "batch_size or pass drop_last=False"
             )
-        # uint8 data are 0..255, so fold the /255 into the statistics: one fused op per batch.
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
-        self._mean = self._mean * 255.0
-        self._std = self._std * 255.0
-
         self._perm_gen = torch.Generator(device=self.device)
         self._aug_gen = torch.Generator(device=self.device)
-        self.epoch = 0
-        self.position = 0  # batches of the current epoch already yielded
-        self._aug_gen.manual_seed(_seed(self.seed, _AUG_STREAM, self.epoch, self.rank))
         self._iter_token = 0
-
-    @staticmethod
-    def _to_nchw_uint8(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-        is_uint8 = (
-            images.dtype == torch.uint8
-            if isinstance(images, torch.Tensor)
-            else isinstance(images, np.ndarray) and images.dtype == np.uint8
-        )
-        if images.ndim != 4 or not is_uint8:
-            raise ValueError(
-                f"images must be uint8 (N, H, W, C), got {images.dtype} {tuple(images.shape)}"
-            )
-        if isinstance(images, np.ndarray):
-            # Transpose on the host so the device receives exactly one NCHW copy; np.array always
-            # copies, which also avoids torch's warning on read-only (e.g. memory-mapped) arrays.
-            return torch.from_numpy(np.array(images.transpose(0, 3, 1, 2), order="C")).to(device)
-        return images.to(device).permute(0, 3, 1, 2).contiguous()
-
-    @staticmethod
-    def _to_labels(
-        labels: np.ndarray | torch.Tensor, n: int, num_classes: int, device: torch.device
-    ) -> torch.Tensor:
-        y = torch.as_tensor(np.asarray(labels) if isinstance(labels, np.ndarray) else labels)
-        if y.shape != (n,) or y.is_floating_point() or y.is_complex():
-            raise ValueError(f"labels must be {n} integers, got {y.dtype} {tuple(y.shape)}")
-        y = y.to(device=device, dtype=torch.int64)
-        # One host sync at construction is cheap; out-of-range labels would fail later in one_hot.
-        if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes})")
-        return y
+        self.set_epoch(0)
 
     @property
     def num_samples(self) -> int:
@@ -234,14 +263,14 @@ class TensorImageLoader:
         """Jump to the start of ``epoch`` (normally not needed: iteration advances the epoch)."""
         self.epoch = epoch
         self.position = 0
-        self._aug_gen.manual_seed(_seed(self.seed, _AUG_STREAM, epoch, self.rank))
+        self._aug_gen.manual_seed(derive_seed(self.seed, _AUG_STREAM, epoch, self.rank))
 
     def _order(self, epoch: int) -> torch.Tensor:
         """``(N,)`` int64 sample order of ``epoch``, identical on every rank."""
         n = self.num_samples
         if not self.train:
             return torch.arange(n, device=self.device)
-        self._perm_gen.manual_seed(_seed(self.seed, _PERM_STREAM, epoch))
+        self._perm_gen.manual_seed(derive_seed(self.seed, _PERM_STREAM, epoch))
         return torch.randperm(n, device=self.device, generator=self._perm_gen)
 
     def _shard(self, order: torch.Tensor, step: int) -> torch.Tensor:
@@ -269,31 +298,18 @@ class TensorImageLoader:
 
     def _make_batch(self, idx: torch.Tensor) -> ImageBatch:
         images = self._images.index_select(0, idx)
-        labels = self._labels.index_select(0, idx)
-        b, _, h, w = images.shape
         if self.augment:
-            boxes = sample_crop_boxes(
-                b, h, w, scale=self.crop_scale, ratio=self.crop_ratio, generator=self._aug_gen
-            )
-            # Drawn exactly like random_hflip, but folded into the crop's sampling grid for free.
-            flip = torch.rand(b, device=self.device, generator=self._aug_gen) < self.hflip_p
-            x = resized_crop(images, boxes, flip=flip)
-        else:
-            x = images.to(torch.float32)
-        targets = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
-        if self.mixup_alpha > 0:
-            perm, lam = sample_mixup(b, self.mixup_alpha, generator=self._aug_gen)
-            # index_select, not x[perm]: advanced indexing is ~6x slower on CPU.
-            x = torch.lerp(x.index_select(0, perm), x, lam)
-            targets = torch.lerp(targets.index_select(0, perm), targets, lam)
-            y_b = labels.index_select(0, perm)
-        else:
-            lam = torch.ones((), device=self.device)
-            y_b = labels
-        # Normalising after mixing equals mixing normalised images (both are affine), as in FFCV.
-        x = (x - self._mean) / self._std
-        return ImageBatch(
-            x=x, targets=targets, labels=labels, y_a=labels, y_b=y_b, lam=lam, indices=idx
+            images = random_resized_crop(images, generator=self._aug_gen)
+        return make_image_batch(
+            images,
+            self._labels.index_select(0, idx),
+            idx,
+            num_classes=self.num_classes,
+            label_smoothing=self.label_smoothing,
+            mixup_alpha=self.mixup_alpha,
+            mean=self._mean,
+            std=self._std,
+            generator=self._aug_gen,
         )
 
     def state_dict(self) -> dict[str, Any]:

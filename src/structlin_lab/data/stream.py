@@ -2,8 +2,10 @@
 
 :class:`StreamingImageBatches` takes a DataLoader of ``(uint8 (B, C, H, W), int64 (B,))``
 batches (decoded and cropped by worker processes) and produces the same
-:class:`~structlin_lab.data.loader.ImageBatch` objects as :class:`TensorImageLoader`: moved to the
-device, normalised, with label smoothing and mixup applied batched on the device.
+:class:`~structlin_lab.data.loader.ImageBatch` objects as
+:class:`~structlin_lab.data.loader.TensorImageLoader`: moved to the device, with label smoothing,
+mixup and normalisation applied batched there by the same code
+(:func:`~structlin_lab.data.loader.make_image_batch`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ from typing import Any
 
 import torch
 
-from .augment import normalize, sample_mixup, smooth_one_hot
-from .loader import ImageBatch
+from .loader import ImageBatch, make_image_batch
 
 __all__ = ["StreamingImageBatches"]
 
@@ -34,7 +35,7 @@ class StreamingImageBatches:
     Resuming (``load_state_dict``) restarts the saved epoch and skips the batches already used.
     Skipped batches are still decoded by the workers, and worker-side crops are only reproducible
     from the start of a run, so a resumed run continues the same sample order but not
-    bit-identical crops.
+    bit-identical crops. ``ImageBatch.indices`` is empty: the workers do not report them.
     """
 
     def __init__(
@@ -53,7 +54,8 @@ class StreamingImageBatches:
         self.loader = loader
         self.device = torch.device(device)
         self.num_classes = num_classes
-        self.mean, self.std = tuple(mean), tuple(std)
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device)
         self.train = train
         self.mixup_alpha = mixup_alpha if train else 0.0
         self.label_smoothing = label_smoothing if train else 0.0
@@ -77,28 +79,21 @@ class StreamingImageBatches:
         self.position = 0
 
     def _make(self, images: torch.Tensor, labels: torch.Tensor) -> ImageBatch:
-        x = images.to(self.device, non_blocking=True)
-        y = labels.to(self.device, non_blocking=True).long()
-        xf = normalize(x, self.mean, self.std)
-        targets = smooth_one_hot(y, self.num_classes, self.label_smoothing)
-        y_b = y
-        lam = torch.ones((), device=self.device)
-        if self.mixup_alpha > 0 and len(y) > 1:
-            perm, lam = sample_mixup(len(y), self.mixup_alpha, generator=self.generator)
-            xf = torch.lerp(xf.index_select(0, perm), xf, lam.to(xf.dtype))
-            targets = torch.lerp(targets.index_select(0, perm), targets, lam.to(targets.dtype))
-            y_b = y.index_select(0, perm)
-        return ImageBatch(
-            x=xf,
-            targets=targets,
-            labels=y,
-            y_a=y,
-            y_b=y_b,
-            lam=lam,
-            indices=torch.empty(0, dtype=torch.long, device=self.device),
+        return make_image_batch(
+            images.to(self.device, non_blocking=True),
+            labels.to(self.device, non_blocking=True).long(),
+            torch.empty(0, dtype=torch.long, device=self.device),
+            num_classes=self.num_classes,
+            label_smoothing=self.label_smoothing,
+            mixup_alpha=self.mixup_alpha,
+            mean=self._mean,
+            std=self._std,
+            generator=self.generator,
         )
 
     def state_dict(self) -> dict[str, Any]:
+        """``epoch``, ``position`` (batches of that epoch already yielded) and the mixup
+        generator's state."""
         return {
             "epoch": self.epoch,
             "position": self.position,
@@ -106,6 +101,7 @@ class StreamingImageBatches:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the next iteration skips the batches already used."""
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self.generator.set_state(state["generator"])

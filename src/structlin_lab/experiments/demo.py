@@ -19,7 +19,7 @@ from structlin import structurize
 from structlin.io import atomic_write, atomic_write_text
 
 from ..models import MLP
-from ..train import Trainer, load_config
+from ..train import Config, Trainer, load_config
 
 __all__ = ["matched_width", "run_demo"]
 
@@ -90,55 +90,16 @@ def run_demo(
     in_features, classes = shapes[data]
     target = mlp_macs(in_features, classes, dense_width, depth, "dense")
     width = matched_width(target, in_features, classes, depth, structure)
-    runs = [("dense", dense_width), (structure, width)]
+    data_settings = [f"data.name={data}", f"data.download={download}"]
+    if source:
+        data_settings.append(f"data.source={source}")
+    if root:
+        data_settings.append(f"data.root={root}")
     summary = []
-    for spec, w in runs:
-        settings = [
-            f"name=demo-{spec.split(':')[0]}",
-            "task=classify",
-            "model.name=mlp",
-            f"model.width={w}",
-            "model.base_width=64",
-            f"model.depth={depth}",
-            f"structure.spec={spec}",
-            f"data.name={data}",
-            f"data.download={download}",
-            f"data.batch_size={batch_size}",
-            "data.eval_batch_size=2000",
-            "data.augment=false",
-            "data.mixup=0",
-            "data.label_smoothing=0",
-            "optim.name=adam",
-            f"optim.lr={lr}",
-            "optim.schedule=cosine",
-            f"train.epochs={epochs}",
-            "train.eval_every=1000000",
-            "train.ckpt_every=1000000",
-        ]
-        if source:
-            settings.append(f"data.source={source}")
-        if root:
-            settings.append(f"data.root={root}")
-        config = load_config(None, settings)
+    for spec, w in [("dense", dense_width), (structure, width)]:
+        settings = _recipe(spec, w, depth, batch_size, lr, epochs) + data_settings
         log(f"training {spec} MLP width {w} ({epochs} epochs)...")
-        t0 = time.perf_counter()
-        trainer = Trainer(config, out / spec.split(":")[0], overwrite=True, log=None)
-        final = trainer.fit()
-        elapsed = time.perf_counter() - t0
-        params = sum(p.numel() for p in trainer.model.parameters())
-        summary.append(
-            {
-                "structure": spec,
-                "width": w,
-                "params": params,
-                "macs_per_example": final["forward_macs_per_example"],
-                "train_macs": final["train_macs"],
-                "train_error": 1 - final["train_acc"],
-                "test_error": 1 - final["test_acc"],
-                "test_loss": final["test_loss"],
-                "seconds": elapsed,
-            }
-        )
+        summary.append(_train(load_config(None, settings), out / spec.split(":")[0], spec, w))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     log(format_summary(summary))
     try:
@@ -147,6 +108,51 @@ def run_demo(
     except ImportError:
         log("matplotlib not installed: no plot (pip install 'structlin[plot]')")
     return summary
+
+
+def _recipe(
+    spec: str, width: int, depth: int, batch_size: int, lr: float, epochs: float
+) -> list[str]:
+    """Config overrides of one demo run: the same recipe for every structure, no augmentation."""
+    return [
+        f"name=demo-{spec.split(':')[0]}",
+        "task=classify",
+        "model.name=mlp",
+        f"model.width={width}",
+        "model.base_width=64",
+        f"model.depth={depth}",
+        f"structure.spec={spec}",
+        f"data.batch_size={batch_size}",
+        "data.eval_batch_size=2000",
+        "data.augment=false",
+        "data.mixup=0",
+        "data.label_smoothing=0",
+        "optim.name=adam",
+        f"optim.lr={lr}",
+        "optim.schedule=cosine",
+        f"train.epochs={epochs}",
+        "train.eval_every=1000000",
+        "train.ckpt_every=1000000",
+    ]
+
+
+def _train(config: Config, out: Path, spec: str, width: int) -> dict[str, Any]:
+    """Train one run and summarise it (errors are 1 - accuracy; the test split is held out)."""
+    t0 = time.perf_counter()
+    trainer = Trainer(config, out, overwrite=True, log=None)
+    final = trainer.fit()
+    elapsed = time.perf_counter() - t0
+    return {
+        "structure": spec,
+        "width": width,
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+        "macs_per_example": final["forward_macs_per_example"],
+        "train_macs": final["train_macs"],
+        "train_error": 1 - final["train_acc"],
+        "test_error": 1 - final["test_acc"],
+        "test_loss": final["test_loss"],
+        "seconds": elapsed,
+    }
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:

@@ -1,6 +1,19 @@
-"""Training: typed configs, the trainer loop, checkpoints and schedules."""
+"""Training: typed configs, the trainer loop, its tasks (image classification, language
+modelling), checkpoints and schedules."""
 
 from .config import Config, apply_overrides, config_hash, load_config
+from .tasks import ImageClassification, LanguageModeling, Task, build_task
 from .trainer import Trainer, TrainingDiverged
 
-__all__ = ["Config", "Trainer", "TrainingDiverged", "apply_overrides", "config_hash", "load_config"]
+__all__ = [
+    "Config",
+    "ImageClassification",
+    "LanguageModeling",
+    "Task",
+    "Trainer",
+    "TrainingDiverged",
+    "apply_overrides",
+    "build_task",
+    "config_hash",
+    "load_config",
+]

@@ -1,10 +1,12 @@
-"""Build the model, its μP base, the optimizer and the data of a :class:`Config`."""
+"""Build the model, its μP base and the optimizer of a :class:`Config`.
+
+The data and what is done with it (loss, accuracy, evaluation) are the task's: :mod:`.tasks`.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -15,30 +17,28 @@ from structlin import mup, structurize
 from .config import Config
 
 __all__ = [
-    "DataBundle",
-    "build_data",
+    "DataShapes",
     "build_model",
     "build_optimizer",
     "forward_macs",
+    "model_at_width",
+    "seed_everything",
     "shapes_only",
 ]
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-FASHION_MEAN = (0.2860,)
-FASHION_STD = (0.3530,)
 
+@dataclass(frozen=True)
+class DataShapes:
+    """The sizes a model takes from its data.
 
-@dataclass
-class DataBundle:
-    """What the trainer needs from a data set."""
+    Attributes:
+        num_outputs: width of the model's output: the number of classes of an image data set,
+            the vocabulary size of a text.
+        image_shape: ``(C, H, W)`` of the images; None for text.
+    """
 
-    kind: str  # "image" or "text"
-    train: Any  # image: TensorImageLoader; text: token array
-    test: Any
-    num_classes: int = 0  # image: classes; text: vocabulary size
-    image_shape: tuple[int, int, int] = (3, 32, 32)
-    steps_per_epoch: int = 0
+    num_outputs: int
+    image_shape: tuple[int, int, int] | None = None
 
 
 _IMAGE_SHAPES = {
@@ -48,8 +48,8 @@ _IMAGE_SHAPES = {
 }
 
 
-def shapes_only(cfg: Config, vocab: int | None = None) -> DataBundle | None:
-    """A :class:`DataBundle` with the shapes a model needs but no data, from the config alone.
+def shapes_only(cfg: Config, vocab: int | None = None) -> DataShapes | None:
+    """The :class:`DataShapes` of ``cfg``'s data, from the config alone (no data is read).
 
     Enough to build ``cfg``'s model (on ``meta``) to count its parameters and MACs. For text the
     vocabulary is ``vocab`` if given, else that of the GPT-2 BPE when the config uses it; a
@@ -59,179 +59,74 @@ def shapes_only(cfg: Config, vocab: int | None = None) -> DataBundle | None:
     """
     if cfg.task == "lm":
         if vocab is None and (cfg.data.tokenizer == "gpt2" or cfg.data.name == "openwebtext"):
-            from ..data.text import GPT2_VOCAB_SIZE
+            from ..data import GPT2_VOCAB_SIZE
 
             vocab = GPT2_VOCAB_SIZE
-        return None if vocab is None else DataBundle("text", None, None, vocab)
+        return None if vocab is None else DataShapes(vocab)
     if cfg.data.name == "imagenet":
         size = int(cfg.model.kwargs.get("image_size", 224))
         shape, classes = (3, size, size), 1000
     else:
         shape, classes = _IMAGE_SHAPES.get(cfg.data.name, ((3, 32, 32), 10))
-    return DataBundle("image", None, None, classes, shape)
+    return DataShapes(classes, shape)
 
 
-def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> DataBundle:
-    """Load (and cache) the data set named in ``cfg.data``."""
-    d = cfg.data
-    if cfg.task == "lm":
-        from ..data.text import load_openwebtext, prepare_text
+def model_at_width(cfg: Config, width: int, shapes: DataShapes) -> nn.Module:
+    """``cfg``'s model, unstructured, at hidden width ``width`` (on the current device).
 
-        if d.name == "openwebtext":
-            # streamed from the Hugging Face Hub (needs `datasets` and internet), cached once
-            text = load_openwebtext(d.root, tokenizer_file=d.tokenizer_file)
-        elif d.source is None:
-            raise ValueError(
-                "data.source must point to a UTF-8 text file (or .gz) for task 'lm' (or set "
-                "data.name=openwebtext), e.g. --set data.source=../shared/data/austen.txt.gz"
-            )
-        else:
-            text = prepare_text(
-                d.source, tokenizer=d.tokenizer, tokenizer_file=d.tokenizer_file, cache_dir=d.root
-            )
-        per_epoch = max(1, len(text.train) // (d.batch_size * d.block_size * world_size))
-        return DataBundle("text", text.train, text.val, text.vocab_size, steps_per_epoch=per_epoch)
-
-    from ..data.loader import TensorImageLoader
-
-    if d.batch_size % world_size:
-        raise ValueError(
-            f"data.batch_size={d.batch_size} is the global batch and must divide evenly across "
-            f"{world_size} processes; use a multiple of {world_size}"
-        )
-
-    if d.name in ("cifar10", "cifar100"):
-        from ..data.cifar import load_cifar
-
-        arrays = load_cifar(d.name, d.root, source=d.source, download=d.download)
-        mean, std = CIFAR_MEAN, CIFAR_STD
-        train_x, test_x = arrays.train_x, arrays.test_x
-        num_classes = len(arrays.classes)
-    elif d.name == "imagenet":
-        return _imagenet(cfg, device, rank, world_size)
-    elif d.name == "fashion_mnist":
-        from ..data.fashion_mnist import load_fashion_mnist
-
-        arrays = load_fashion_mnist(d.root, source=d.source, download=d.download)
-        mean, std = FASHION_MEAN, FASHION_STD
-        train_x, test_x = arrays.train_x[..., None], arrays.test_x[..., None]
-        num_classes = len(arrays.classes)
-    else:
-        raise ValueError(
-            f"unknown data.name {d.name!r}; valid: cifar10, cifar100, fashion_mnist, imagenet "
-            f"(or task 'lm' with a text file)"
-        )
-    common = {"device": device, "mean": mean, "std": std, "num_classes": num_classes}
-    train = TensorImageLoader(
-        train_x,
-        arrays.train_y,
-        batch_size=d.batch_size // world_size,
-        train=True,
-        augment=d.augment,
-        mixup_alpha=d.mixup,
-        label_smoothing=d.label_smoothing,
-        seed=cfg.train.seed,
-        rank=rank,
-        world_size=world_size,
-        **common,
-    )
-    test = TensorImageLoader(
-        test_x,
-        arrays.test_y,
-        batch_size=d.eval_batch_size,
-        train=False,
-        augment=False,
-        mixup_alpha=0.0,
-        label_smoothing=0.0,
-        **common,
-    )
-    h, w, c = train_x.shape[1:]
-    return DataBundle("image", train, test, num_classes, (c, h, w), len(train))
-
-
-def _imagenet(cfg: Config, device: torch.device, rank: int, world_size: int) -> DataBundle:
-    from ..data.imagenet import IMAGENET_MEAN_255, IMAGENET_STD_255, imagenet_loader
-    from ..data.stream import StreamingImageBatches
-
-    d = cfg.data
-    if d.source is None:
-        raise ValueError("data.source must be the ImageNet root with train/ and val/ folders")
-    size = int(cfg.model.kwargs.get("image_size", 224))
-    common = {
-        "image_size": size,
-        "num_workers": d.num_workers,
-        "seed": cfg.train.seed,
-        "rank": rank,
-        "world_size": world_size,
-    }
-    train_dl = imagenet_loader(d.source, "train", batch_size=d.batch_size // world_size, **common)
-    val_dl = imagenet_loader(
-        d.source, "val", batch_size=d.eval_batch_size, **{**common, "rank": 0, "world_size": 1}
-    )
-    classes = len(train_dl.dataset.classes)
-    stats = {
-        "device": device,
-        "num_classes": classes,
-        "mean": IMAGENET_MEAN_255,
-        "std": IMAGENET_STD_255,
-    }
-    train = StreamingImageBatches(
-        train_dl,
-        train=True,
-        mixup_alpha=d.mixup,
-        label_smoothing=d.label_smoothing,
-        seed=cfg.train.seed * 1000 + rank,
-        **stats,
-    )
-    test = StreamingImageBatches(val_dl, train=False, **stats)
-    return DataBundle("image", train, test, classes, (3, size, size), len(train))
-
-
-def model_at_width(cfg: Config, width: int, data: DataBundle) -> nn.Module:
-    """The configured model, unstructured, at hidden width ``width`` (on the current device)."""
+    Everything but the width comes from ``cfg.model`` and from ``shapes``: the MLP's input is
+    the flattened image (``C*H*W`` features) and its output ``shapes.num_outputs`` classes; the
+    ViT reads channels and image size from ``shapes.image_shape``; GPT-2's vocabulary is
+    ``shapes.num_outputs`` and its context ``cfg.data.block_size``. Building the μP base model
+    at ``cfg.model.base_width`` the same way gives the fan-in/fan-out reference of every layer.
+    """
     from ..models import create_model
 
     m = cfg.model
     kwargs = dict(m.kwargs)
-    if m.name == "mlp":
-        return create_model(
-            "mlp",
-            in_features=math.prod(data.image_shape),
-            num_classes=data.num_classes,
-            width=width,
-            depth=m.depth,
-            **kwargs,
-        )
-    if m.name == "vit":
-        c, h, _ = data.image_shape
-        kwargs.pop("image_size", None)  # the data decides (for ImageNet it is read from here)
-        return create_model(
-            "vit",
-            num_classes=data.num_classes,
-            width=width,
-            depth=m.depth,
-            image_size=h,
-            in_channels=c,
-            **kwargs,
-        )
     if m.name == "gpt2":
         return create_model(
             "gpt2",
-            vocab_size=data.num_classes,
+            vocab_size=shapes.num_outputs,
             block_size=cfg.data.block_size,
             n_layer=m.depth,
             d_model=width,
             **kwargs,
         )
-    return create_model(m.name, width=width, **kwargs)
+    if m.name not in ("mlp", "vit"):
+        return create_model(m.name, width=width, **kwargs)
+    if shapes.image_shape is None:
+        raise ValueError(f"model.name={m.name!r} needs image data (task 'classify')")
+    if m.name == "mlp":
+        return create_model(
+            "mlp",
+            in_features=math.prod(shapes.image_shape),
+            num_classes=shapes.num_outputs,
+            width=width,
+            depth=m.depth,
+            **kwargs,
+        )
+    c, h, _ = shapes.image_shape
+    kwargs.pop("image_size", None)  # the data decides (for ImageNet it is read from here)
+    return create_model(
+        "vit",
+        num_classes=shapes.num_outputs,
+        width=width,
+        depth=m.depth,
+        image_size=h,
+        in_channels=c,
+        **kwargs,
+    )
 
 
-def build_model(cfg: Config, data: DataBundle, device: torch.device) -> tuple[nn.Module, nn.Module]:
+def build_model(
+    cfg: Config, shapes: DataShapes, device: torch.device
+) -> tuple[nn.Module, nn.Module]:
     """The model (structured as configured, on ``device``) and its μP base (on ``meta``)."""
     s = cfg.structure
-    model = model_at_width(cfg, cfg.model.width, data)
+    model = model_at_width(cfg, cfg.model.width, shapes)
     with torch.device("meta"):
-        base = model_at_width(cfg, cfg.model.base_width, data)
+        base = model_at_width(cfg, cfg.model.base_width, shapes)
     if s.spec != "dense":
         kw = {
             "target_modules": s.target_modules,
@@ -244,6 +139,10 @@ def build_model(cfg: Config, data: DataBundle, device: torch.device) -> tuple[nn
 
 
 def build_optimizer(cfg: Config, model: nn.Module, base: nn.Module) -> torch.optim.Optimizer:
+    """``cfg.optim``'s optimizer over μP parameter groups (``structlin.mup.param_groups``):
+    ``optim.lr`` is the learning rate at ``base``'s width, scaled per parameter by μP (Adam:
+    ∝ 1/fan-in; SGD: ∝ fan-out/fan-in), per factor with ``optim.lr_rule="structure-aware"``;
+    weight decay applies to matrices and factors only."""
     o = cfg.optim
     name = o.name.lower()
     groups = mup.param_groups(
@@ -279,6 +178,7 @@ def forward_macs(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global random generators."""
     import random
 
     random.seed(seed)

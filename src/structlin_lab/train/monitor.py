@@ -3,9 +3,9 @@
 ``factor_rms_max`` / ``factor_rms_mean``: over every factor of every structured layer, the
 factor's RMS divided by its μP init std (:meth:`StructuredLinear.rms_ratios`). They start near 1
 and track the growth that the paper blames for the instability of large BTT transformers
-without weight normalisation (reference §3). With ``norm="rms_clamp"`` the ratio of the *stored*
-factor may exceed 1, but the forward pass sees at most 1 (times the learnable gain): the excess is
-what the clamp removes.
+without weight normalisation (Qiu et al., ICML 2024, §5, "Training Structured Transformers").
+With ``norm="rms_clamp"`` the ratio of the *stored* factor may exceed 1, but the forward pass
+sees at most 1 (times the learnable gain): the excess is what the clamp removes.
 """
 
 from __future__ import annotations

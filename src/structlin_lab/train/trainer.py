@@ -1,17 +1,22 @@
 """The training loop: μP optimizer, per-step schedule, evaluation, JSONL metrics, exact resume.
 
+What depends on the data (batches, loss, accuracy, evaluation, the data position) belongs to the
+config's task (:mod:`.tasks`: image classification or language modelling); the loop is the same
+for every task.
+
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object
 per evaluation) and ``checkpoints/last.pt``; with ``train.tensorboard: true`` also ``tensorboard/``,
 where every metrics row's numeric values are written as TensorBoard scalars (needs
 ``pip install 'structlin[tensorboard]'``). Checkpoints carry the model, optimizer, scheduler,
-global RNG states, the data loader's position and the running training statistics, so that
+global RNG states, the task's data position and the running training statistics, so that
 ``resume=True`` continues the same trajectory: on CPU in float32 an interrupted and resumed run
 ends with the same metrics as an uninterrupted one.
 
-Distributed data parallel: launch the same command under ``torchrun --nproc-per-node N``. Each
-process trains on its shard of every global batch (``data.batch_size`` is the global batch and
-must divide by N), gradients are averaged by DDP, and only rank 0 logs, writes metrics and
-checkpoints (the checkpoint carries every rank's data position).
+Distributed data parallel: launch the same command under ``torchrun --nproc-per-node N``. For
+image classification each process trains on its shard of every global batch (``data.batch_size``
+is the global batch and must divide by N); for language modelling each process draws its own
+``data.batch_size`` windows. Gradients are averaged by DDP, and only rank 0 logs, writes metrics
+and checkpoints (the checkpoint carries every rank's data position).
 
 Compute is reported as training MACs so far: ``3 x forward MACs per example x examples seen``
 (forward plus the two backward products; MACs counted by ``FlopCounterMode`` on one example,
@@ -32,15 +37,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from structlin.io import atomic_write_text
 
-from .build import build_data, build_model, build_optimizer, forward_macs, seed_everything
+from .build import build_model, build_optimizer, forward_macs, seed_everything
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import Config, config_hash
 from .monitor import factor_rms_stats
 from .schedule import lr_factor
+from .tasks import BatchResult, build_task
 
 __all__ = ["Trainer", "TrainingDiverged"]
 
@@ -104,8 +109,8 @@ class Trainer:
         self._tb = None
         self.device = _resolve_device(config.train.device, local_rank)
         seed_everything(config.train.seed)
-        self.data = build_data(config, self.device, self.rank, self.world_size)
-        self.model, self.base = build_model(config, self.data, self.device)
+        self.task = build_task(config, self.device, self.rank, self.world_size)
+        self.model, self.base = build_model(config, self.task.shapes, self.device)
         self.optimizer = build_optimizer(config, self.model, self.base)
         self.total_steps = self._total_steps()
         o = config.optim
@@ -120,15 +125,13 @@ class Trainer:
             self.forward = DistributedDataParallel(self.model, device_ids=ids)
         if config.train.compile:
             self.forward = torch.compile(self.forward)
-        self.macs_per_example = forward_macs(self.model, self._example())
+        self.macs_per_example = forward_macs(self.model, self.task.example_input())
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.step = 0
         self.samples = 0
         self.wall_time = 0.0  # seconds in the training loop, summed over resumes
         self._running = {"loss": 0.0, "acc": 0.0, "n": 0}
         self._stop_signal: int | None = None
-        if self.data.kind == "text":
-            self._gen = torch.Generator().manual_seed(config.train.seed + self.rank)
 
     # ------------------------------------------------------------------ set-up
     def _check_run_dir(self, overwrite: bool) -> None:
@@ -163,12 +166,7 @@ class Trainer:
         t = self.cfg.train
         if t.steps is not None:
             return int(t.steps)
-        return max(1, math.ceil(float(t.epochs) * self.data.steps_per_epoch))
-
-    def _example(self) -> torch.Tensor:
-        if self.data.kind == "text":
-            return torch.zeros(1, self.cfg.data.block_size, dtype=torch.long, device=self.device)
-        return torch.zeros(1, *self.data.image_shape, device=self.device)
+        return max(1, math.ceil(float(t.epochs) * self.task.steps_per_epoch))
 
     def _autocast(self):
         mode = self.cfg.train.autocast
@@ -176,77 +174,21 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    # ------------------------------------------------------------------ batches
-    def _train_batches(self):
-        if self.data.kind == "text":
-            from ..data.text import get_batch
-
-            while True:
-                x, y = get_batch(
-                    self.data.train,
-                    self.cfg.data.batch_size,
-                    self.cfg.data.block_size,
-                    self._gen,
-                    device=self.device,
-                )
-                yield x, y, None
-        else:
-            while True:
-                for b in self.data.train:
-                    yield b.x, b.targets, b
-
-    def _loss_and_acc(self, x, targets, batch) -> tuple[torch.Tensor, float]:
+    def _predict(self, x: torch.Tensor):
+        """The model's output for ``x``, under autocast (the tasks' ``forward``)."""
         with self._autocast():
-            if self.data.kind == "text":
-                logits, _ = self.forward(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-                acc = (logits.argmax(-1) == targets).float().mean().item()
-                return loss, acc
-            logits = self.forward(x).float()
-        loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        with torch.no_grad():
-            pred = logits.argmax(-1)
-            acc_a = (pred == batch.y_a).float().mean()
-            acc_b = (pred == batch.y_b).float().mean()
-            acc = torch.maximum(acc_a, acc_b).item()  # the paper's mixup-aware accuracy
-        return loss, acc
+            return self.forward(x)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """The task's evaluation on its held-out split, as ``{"test_loss", "test_acc"}`` (the
+        metric names the results tables and fits read; the split is the validation split)."""
         self.model.eval()
-        total_loss, total_correct, count = 0.0, 0.0, 0
         try:
-            if self.data.kind == "text":
-                from ..data.text import get_batch
-
-                gen = torch.Generator().manual_seed(12345)  # the same eval batches every time
-                for _ in range(self.cfg.data.eval_batches):
-                    x, y = get_batch(
-                        self.data.test,
-                        self.cfg.data.batch_size,
-                        self.cfg.data.block_size,
-                        gen,
-                        device=self.device,
-                    )
-                    with self._autocast():
-                        logits, _ = self.forward(x)
-                    logits = logits.float()
-                    total_loss += F.cross_entropy(
-                        logits.flatten(0, 1), y.flatten(), reduction="sum"
-                    ).item()
-                    total_correct += (logits.argmax(-1) == y).sum().item()
-                    count += y.numel()
-            else:
-                for b in self.data.test:
-                    with self._autocast():
-                        logits = self.forward(b.x)
-                    logits = logits.float()
-                    total_loss += F.cross_entropy(logits, b.labels, reduction="sum").item()
-                    total_correct += (logits.argmax(-1) == b.labels).sum().item()
-                    count += b.labels.numel()
+            loss, acc = self.task.evaluate(self._predict)
         finally:
             self.model.train()
-        return {"test_loss": total_loss / count, "test_acc": total_correct / count}
+        return {"test_loss": loss, "test_acc": acc}
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
@@ -262,11 +204,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "config_hash": config_hash(self.cfg),
         }
-        if self.data.kind == "text":
-            mine = {"generator": self._gen.get_state()}
-        else:
-            mine = self.data.train.state_dict()
-        state["data"] = self._gather(mine)  # one entry per rank
+        state["data"] = self._gather(self.task.state_dict())  # one entry per rank
         return state
 
     def _gather(self, obj: Any) -> list[Any]:
@@ -311,11 +249,7 @@ class Trainer:
                 f"cannot resume {self.out}: it was written by {len(state['data'])} process(es), "
                 f"this run has {self.world_size}"
             )
-        mine = state["data"][self.rank]
-        if self.data.kind == "text":
-            self._gen.set_state(mine["generator"])
-        else:
-            self.data.train.load_state_dict(mine)
+        self.task.load_state_dict(state["data"][self.rank])
         self.step = state["step"]
         self.samples = state["samples"]
         self.wall_time = float(state.get("wall_time", 0.0))
@@ -367,7 +301,7 @@ class Trainer:
 
     def _loop(self) -> dict[str, Any]:
         t = self.cfg.train
-        batches = self._train_batches()
+        batches = self.task.train_batches()
         bar = _progress(self.total_steps, self.step, enabled=t.progress and self.is_main)
         last: dict[str, Any] = {"status": "finished", "step": self.step}
         t_start, samples_start = time.perf_counter(), self.samples
@@ -375,61 +309,79 @@ class Trainer:
         keep = t.ckpt_every > 0  # 0: no checkpoints (sweeps that never resume)
         self.model.train()
         while self.step < self.total_steps:
-            x, targets, batch = next(batches)
-            loss, acc = self._loss_and_acc(x, targets, batch)
-            finite = bool(torch.isfinite(loss))
-            if self.world_size > 1:  # decide together, or a lone rank would hang the others
-                flags = [float(not finite), float(self._stop_signal is not None)]
-                bad, stop = self._all_reduce(flags, "max")
-                finite = bad == 0.0
-                if stop and self._stop_signal is None:
-                    self._stop_signal = signal.SIGTERM
-            if not finite:
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at step {self.step + 1}; stopping. The last "
-                    f"good checkpoint (if any) is {self.ckpt_path}. Lower optim.lr, enable "
-                    f"optim.clip, or try norm='rms_clamp' for structured layers."
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.optim.clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
+            result = self._train_step(next(batches))
             self.wall_time = wall_start + time.perf_counter() - t_start
-            n = x.shape[0]
-            self.samples += n * self.world_size
-            self._running["loss"] += loss.item() * n
-            self._running["acc"] += acc * n
-            self._running["n"] += n
+            self._tally(result)
             if bar is not None:
                 bar.update(1)
             done = self.step == self.total_steps
             if self.step % t.eval_every == 0 or done:
                 elapsed = time.perf_counter() - t_start
                 last = self._eval_row((self.samples - samples_start) / max(elapsed, 1e-9))
-                self._write_metrics(last)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{last['train_loss']:.3f}", test=f"{last['test_acc']:.3f}"
-                    )
-                else:
-                    self.log(_fmt(last))
+                self._report(last, bar)
             if keep and (self.step % t.ckpt_every == 0 or done):
                 self.save()
             if self._stop_signal is not None:
-                if keep:
-                    self.save()
-                    saved = f"saved {self.ckpt_path}"
-                else:
-                    saved = "no checkpoint (train.ckpt_every=0)"
-                self.log(f"signal {self._stop_signal}: {saved} at step {self.step}")
-                last = {**last, "status": "interrupted", "step": self.step}
+                last = self._interrupted(last, keep)
                 break
         if bar is not None:
             bar.close()
         return last
+
+    def _train_step(self, batch: Any) -> BatchResult:
+        """Forward, backward and one optimizer and scheduler step on ``batch``."""
+        result = self.task.loss_and_accuracy(self._predict, batch)
+        self._check_finite(result.loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        if self.cfg.optim.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return result
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Raise :class:`TrainingDiverged` on a NaN or infinite loss. Under DDP the ranks
+        decide together (and share a stop signal), or a lone rank would hang the others."""
+        finite = bool(torch.isfinite(loss))
+        if self.world_size > 1:
+            flags = [float(not finite), float(self._stop_signal is not None)]
+            bad, stop = self._all_reduce(flags, "max")
+            finite = bad == 0.0
+            if stop and self._stop_signal is None:
+                self._stop_signal = signal.SIGTERM
+        if not finite:
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at step {self.step + 1}; stopping. The last "
+                f"good checkpoint (if any) is {self.ckpt_path}. Lower optim.lr, enable "
+                f"optim.clip, or try norm='rms_clamp' for structured layers."
+            )
+
+    def _tally(self, result: BatchResult) -> None:
+        """Add a batch to the examples seen and to the running training loss and accuracy."""
+        n = result.examples
+        self.samples += n * self.world_size
+        self._running["loss"] += result.loss.item() * n
+        self._running["acc"] += result.accuracy * n
+        self._running["n"] += n
+
+    def _report(self, row: dict[str, Any], bar) -> None:
+        self._write_metrics(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", test=f"{row['test_acc']:.3f}")
+        else:
+            self.log(_fmt(row))
+
+    def _interrupted(self, last: dict[str, Any], keep: bool) -> dict[str, Any]:
+        """Save (if checkpoints are on) after a SIGINT/SIGTERM; the row to return."""
+        if keep:
+            self.save()
+            saved = f"saved {self.ckpt_path}"
+        else:
+            saved = "no checkpoint (train.ckpt_every=0)"
+        self.log(f"signal {self._stop_signal}: {saved} at step {self.step}")
+        return {**last, "status": "interrupted", "step": self.step}
 
     def _eval_row(self, samples_per_s: float) -> dict[str, Any]:
         loss_sum, acc_sum, count = self._all_reduce(
@@ -438,7 +390,7 @@ class Trainer:
         r = {"loss": loss_sum, "acc": acc_sum, "n": count}
         row = {
             "step": self.step,
-            "epoch": self.step / max(1, self.data.steps_per_epoch),
+            "epoch": self.step / max(1, self.task.steps_per_epoch),
             "lr": self.cfg.optim.lr * self.scheduler.lr_lambdas[0](self.step - 1),
             "train_loss": r["loss"] / max(1, r["n"]),
             "train_acc": r["acc"] / max(1, r["n"]),

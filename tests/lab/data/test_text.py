@@ -1,4 +1,5 @@
-"""Tests for ``structlin_lab.data.text``: tokenizers, the token cache, batches and OpenWebText.
+"""Tests for the text path of ``structlin_lab.data``: tokenizers, ``prepare_text`` and the token
+cache, ``get_batch`` and OpenWebText.
 
 GPT-2 paths run offline against a synthetic ranks file of the real shape (50,256 ranks); one test
 tokenises the real shared Austen corpus with the real GPT-2 ranks and skips when they are absent.
@@ -24,7 +25,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from structlin_lab.data import CharTokenizer, TextData, get_batch, gpt2_encoding, prepare_text, text
+from structlin_lab.data import (
+    CharTokenizer,
+    TextData,
+    get_batch,
+    gpt2_encoding,
+    load_openwebtext,
+    openwebtext,
+    prepare_text,
+    text,
+    token_cache,
+)
 
 tiktoken = pytest.importorskip("tiktoken", reason="GPT-2 tests need tiktoken (structlin[text])")
 
@@ -350,7 +361,7 @@ def test_gpt2_changed_tokenizer_file_is_detected_on_decode(
     src = _write(tmp_path / "a.txt", SAMPLE)
     prepare_text(src, tokenizer="gpt2", tokenizer_file=ranks, cache_dir=cache)
     (folder,) = _folders(cache)
-    data = text._open_cached(folder)  # as a later session would, without re-hashing the file
+    data = token_cache.open_cached(folder)  # as a later session would, without re-hashing the file
     assert data is not None
     ranks.write_bytes(fake_ranks.read_bytes() + b"\n")
     with pytest.raises(ValueError, match=r"ranks\.tiktoken changed"):
@@ -442,13 +453,10 @@ def test_get_batch_from_prepared_memmap(tmp_path: Path, cache: Path) -> None:
 def test_openwebtext_without_datasets(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(ImportError, match="pip install datasets"):
-        text.load_openwebtext(cache)
+        load_openwebtext(cache)
 
 
-def test_openwebtext_with_fake_datasets(
-    cache: Path, fake_ranks: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    docs = [f"Document number {i}: {'word ' * i}end." for i in range(40)]
+def _fake_datasets(monkeypatch: pytest.MonkeyPatch, docs: list[str]) -> list[tuple]:
     calls: list[tuple[str, str, bool]] = []
 
     def load_dataset(name: str, split: str, streaming: bool) -> list[dict[str, str]]:
@@ -456,8 +464,18 @@ def test_openwebtext_with_fake_datasets(
         return [{"text": d} for d in docs]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_openwebtext_with_fake_datasets(
+    cache: Path, fake_ranks: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = [f"Document number {i}: {'word ' * i}end." for i in range(40)]
+    calls = _fake_datasets(monkeypatch, docs)
+    # Batches of 7 documents: several full ones and a partial last one.
+    monkeypatch.setattr(openwebtext, "_BATCH_DOCUMENTS", 7)
     kwargs = {"tokenizer_file": fake_ranks, "val_fraction": 0.3, "max_documents": 30}
-    data = text.load_openwebtext(cache, batch_documents=7, **kwargs)
+    data = load_openwebtext(cache, **kwargs)
     assert calls == [("Skylion007/openwebtext", "train", True)]
     enc = gpt2_encoding(fake_ranks)
     train_docs = data.decode(data.train).split("<|endoftext|>")
@@ -470,9 +488,16 @@ def test_openwebtext_with_fake_datasets(
     assert len(data.train) == sum(len(enc.encode_ordinary(d)) + 1 for d in train_docs[:-1])
 
     # Same settings: served from the cache, so the dataset is not streamed again.
-    again = text.load_openwebtext(cache, batch_documents=99, **kwargs)
+    again = load_openwebtext(cache, **kwargs)
     assert len(calls) == 1
     np.testing.assert_array_equal(again.val, data.val)
+
+    # The split does not depend on the batching: one batch of all 30 gives the same tokens.
+    monkeypatch.setattr(openwebtext, "_BATCH_DOCUMENTS", 1024)
+    whole = load_openwebtext(cache.parent / "other", **kwargs)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(whole.train, data.train)
+    np.testing.assert_array_equal(whole.val, data.val)
 
 
 # --- real data -----------------------------------------------------------------------------------

@@ -1,34 +1,48 @@
-"""shapes_only: the data shapes a model needs, read from the config alone."""
+"""shapes_only: the data shapes a model needs, read from the config alone; model_at_width."""
 
 import pytest
+import torch
 
 from structlin_lab.train import load_config
-from structlin_lab.train.build import shapes_only
+from structlin_lab.train.build import DataShapes, model_at_width, shapes_only
 
 
 @pytest.mark.parametrize(
-    ("sets", "kind", "classes", "shape"),
+    ("sets", "outputs", "shape"),
     [
-        (["data.name=cifar100"], "image", 100, (3, 32, 32)),
-        (["data.name=fashion_mnist"], "image", 10, (1, 28, 28)),
+        (["data.name=cifar100"], 100, (3, 32, 32)),
+        (["data.name=fashion_mnist"], 10, (1, 28, 28)),
         (
             ["data.name=imagenet", "model.name=vit", "model.kwargs={image_size: 64}"],
-            "image",
             1000,
             (3, 64, 64),
         ),
-        (["task=lm", "model.name=gpt2", "data.tokenizer=gpt2"], "text", 50257, None),
+        (["task=lm", "model.name=gpt2", "data.tokenizer=gpt2"], 50257, None),
     ],
 )
-def test_shapes_from_the_config(sets, kind, classes, shape):
-    data = shapes_only(load_config(None, ["train.steps=1", *sets]))
-    assert data.kind == kind and data.num_classes == classes
-    assert data.train is None and data.test is None
-    if shape is not None:
-        assert data.image_shape == shape
+def test_shapes_from_the_config(sets, outputs, shape):
+    shapes = shapes_only(load_config(None, ["train.steps=1", *sets]))
+    assert shapes == DataShapes(outputs, shape)
 
 
 def test_char_vocabulary_is_unknown_unless_given():
     cfg = load_config(None, ["train.steps=1", "task=lm", "model.name=gpt2", "data.tokenizer=char"])
     assert shapes_only(cfg) is None
-    assert shapes_only(cfg, vocab=65).num_classes == 65
+    assert shapes_only(cfg, vocab=65) == DataShapes(65)
+
+
+def test_model_at_width_takes_its_sizes_from_the_shapes():
+    mlp_cfg = load_config(None, ["train.steps=1", "model.name=mlp", "model.depth=1"])
+    with torch.device("meta"):
+        mlp = model_at_width(mlp_cfg, 48, DataShapes(7, (1, 4, 5)))
+    assert mlp(torch.zeros(2, 1, 4, 5, device="meta")).shape == (2, 7)
+    assert mlp.input_layer.in_features == 20 and mlp.input_layer.out_features == 48
+    lm = ["train.steps=1", "task=lm", "model.name=gpt2", "model.depth=1", "data.block_size=8"]
+    with torch.device("meta"):
+        gpt = model_at_width(
+            load_config(None, [*lm, "model.kwargs={d_head: 8}"]), 32, DataShapes(11)
+        )
+    logits, _ = gpt(torch.zeros(2, 8, dtype=torch.long, device="meta"))
+    assert logits.shape == (2, 8, 11)
+    with pytest.raises(ValueError, match="needs image data"):
+        model_at_width(load_config(None, [*lm, "model.name=mlp"]), 32, DataShapes(11))

@@ -16,7 +16,7 @@ def test_factor_rms_stats_over_structured_layers_only():
     assert stats["factor_rms_max"] == pytest.approx(max(ratios))
     assert stats["factor_rms_mean"] == pytest.approx(sum(ratios) / len(ratios))
     with torch.no_grad():
-        model[0].cores[1].mul_(5.0)
+        model[0].factors()[1].tensor.mul_(5.0)
     grown = factor_rms_stats(model)
     assert grown["factor_rms_max"] == pytest.approx(5.0 * ratios[1], rel=1e-5)
     assert grown["factor_rms_mean"] > stats["factor_rms_mean"]
