@@ -11,7 +11,7 @@ from torch import nn
 from ..kernels.btt import btt2_matmul, btt_chain_matmul
 from ..options import check_positive_int
 from .base import StructuredLinear
-from .factorize import DEFAULT_PAD_TOLERANCE, plan_widths
+from .factorize import DEFAULT_PAD_TOLERANCE, plan_widths, width_options
 from .registry import register_structure
 
 __all__ = ["BTTLinear"]
@@ -192,8 +192,5 @@ class BTTLinear(StructuredLinear):
         return cores[::-1]
 
     def options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"cores": self.cores, "rank": self.rank}
-        opts.update(in_factors=self.in_factors, out_factors=self.out_factors)
-        if self.pad_tolerance != DEFAULT_PAD_TOLERANCE:
-            opts["pad_tolerance"] = self.pad_tolerance
-        return {**opts, **super().options()}
+        sizes = (self.in_factors, self.out_factors, self.pad_tolerance)
+        return {**width_options(self.cores, self.rank, *sizes), **super().options()}

@@ -28,6 +28,7 @@ __all__ = [
     "is_balanced",
     "plan_factors",
     "plan_widths",
+    "width_options",
 ]
 
 #: A factorisation is "balanced" when its largest factor is at most this many times
@@ -196,3 +197,19 @@ def plan_widths(
         )
     )
     return WidthPlan(cores, p_in.factors, p_out.factors, p_in.padded, p_out.padded)
+
+
+def width_options(
+    cores: int,
+    rank: int,
+    in_factors: tuple[int, ...],
+    out_factors: tuple[int, ...],
+    pad_tolerance: float,
+) -> dict[str, object]:
+    """The options that rebuild a factorised layer (TT, Kron, BTT) with the same factor shapes:
+    the factors are spelled out; ``pad_tolerance`` only when it is not the default."""
+    opts: dict[str, object] = {"cores": cores, "rank": rank}
+    opts.update(in_factors=in_factors, out_factors=out_factors)
+    if pad_tolerance != DEFAULT_PAD_TOLERANCE:
+        opts["pad_tolerance"] = pad_tolerance
+    return opts
