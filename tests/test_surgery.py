@@ -253,3 +253,49 @@ def test_select_reports_patterns_that_match_nothing():
     assert sel.unmatched_targets == ("typo_fc3",)
     assert sel.unmatched_overrides == ("nope",)
     assert select_targets(NAMES, None, ["blocks.2.fc1"]).unmatched_targets == ("blocks.2.fc1",)
+
+
+def test_from_dense_reports_each_layers_relative_error():
+    model = small_mlp()
+    with torch.no_grad():  # blocks.0.fc1 becomes exactly rank 2: its projection is exact
+        w = model.blocks[0].fc1.weight
+        w.copy_(torch.randn(w.shape[0], 2) @ torch.randn(2, w.shape[1]))
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")}
+    report = structurize(model, "low_rank:rank=2", init="from_dense")
+    rows = {r.name: r for r in report}
+    assert rows["blocks.0.fc1"].error < 1e-6
+    nonzero = 0
+    for name in [n for n in report.replaced if n != "blocks.0.fc1"]:
+        fit = model.get_submodule(name).to_dense().double()
+        norm = dense[name].double().norm()
+        if norm == 0:  # a zero-initialised layer is represented exactly
+            assert rows[name].error == 0.0
+            continue
+        nonzero += 1
+        want = (fit - dense[name].double()).norm() / norm
+        assert rows[name].error == pytest.approx(want.item(), rel=1e-9)
+        assert 0.3 < rows[name].error < 1.0  # a random matrix is far from rank 2
+    assert nonzero >= 2
+    assert rows["head"].error is None  # kept dense
+    assert "rel. error" in str(report) and f"{rows['input_layer'].error:.2e}" in str(report)
+    mup = structurize(small_mlp(), "low_rank:rank=2")
+    assert all(r.error is None for r in mup)
+
+
+def test_already_structured_rows_show_the_spec():
+    model = small_mlp()
+    structurize(model, "btt:rank=2", target_modules=["input_layer"])
+    report = structurize(model, "low_rank:rank=2")
+    row = next(r for r in report if r.name == "input_layer")
+    assert row.status == "already structured"
+    assert row.new == model.input_layer.spec and parse_spec(row.new)[1]["rank"] == 2
+    assert report.config.paths[0] == "input_layer" and len(report.config.paths) == 5
+
+
+def test_report_shows_the_taxonomy_of_einsum_layers_only():
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    report = structurize(model, "einsum:theta=kron", dry_run=True)
+    assert report[0].taxonomy == "omega=0.5 psi=1 nu=0.5"
+    assert "taxonomy" in str(report) and "omega=0.5 psi=1 nu=0.5" in str(report)
+    plain = structurize(nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 10)), "btt", dry_run=True)
+    assert plain[0].taxonomy == "" and "taxonomy" not in str(plain)

@@ -10,6 +10,7 @@ from .layers import (
     BlockDiagLinear,
     BTTLinear,
     DenseLinear,
+    EinsumLinear,
     Factor,
     KronLinear,
     LowRankLinear,
@@ -27,20 +28,30 @@ from .layers import (
     structure_options,
 )
 from .linear_like import is_conv1d, is_linear_like, linear_dims
+from .persist import StructureMismatchError, load_structured, read_structure, save_structured
+from .structure_config import ModuleEntry, StructureConfig, structure_config
 from .surgery import structurize
+from .taxonomy import THETA_PRESETS, Taxonomy, Theta, parse_theta
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "THETA_PRESETS",
     "BTTLinear",
     "BlockDiagLinear",
     "DenseLinear",
+    "EinsumLinear",
     "Factor",
     "KronLinear",
     "LowRankLinear",
+    "ModuleEntry",
     "MonarchLinear",
+    "StructureConfig",
+    "StructureMismatchError",
     "StructuredLinear",
     "TTLinear",
+    "Taxonomy",
+    "Theta",
     "__version__",
     "balanced_factors",
     "coord_check",
@@ -50,12 +61,17 @@ __all__ = [
     "is_linear_like",
     "linear_dims",
     "list_structures",
+    "load_structured",
     "make_linear",
     "mup",
     "mup_init_std",
     "options",
     "parse_spec",
+    "parse_theta",
+    "read_structure",
     "register_structure",
+    "save_structured",
+    "structure_config",
     "structure_options",
     "structurize",
 ]

@@ -60,6 +60,9 @@ def _features(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, 
         module = model.get_submodule(name)
 
         def hook(_m, _i, o, name=name):
+            # Blocks of some models (transformers 4.x among them) return (hidden, extras...).
+            if isinstance(o, (tuple, list)) and o and isinstance(o[0], torch.Tensor):
+                o = o[0]
             if isinstance(o, torch.Tensor):
                 out[name] = o.detach().clone()
 
@@ -103,7 +106,8 @@ def coord_check(
         base_width, lr, optimizer, lr_rule, multipliers: passed to
             :func:`structlin.mup.param_groups`.
         loss_fn: ``loss_fn(model(x), y)``.
-        record: module names whose outputs are measured (default :func:`default_record_modules`).
+        record: module names whose outputs are measured (default :func:`default_record_modules`);
+            a module returning a tuple is measured on its first element.
         eval_batch: fixed inputs for the measurements (default: the first training batch's).
         seed: seed for model init (the same for every width).
         label: extra fields copied into every record (e.g. ``{"structure": "btt"}``).

@@ -26,6 +26,9 @@ each time, and the base model is matched to the model **by name**. The result is
 ordinary ``torch.optim`` parameter groups (each with ``lr`` already multiplied, plus ``lr_mult``
 and ``names`` for inspection), so any optimizer and any LR scheduler (which scales each group
 relative to its initial LR) work unchanged.
+
+μP also fixes the initialisation; :func:`prepare` (in :mod:`structlin.mup_prepare`) applies it to
+a model written for standard parametrisation and reports what only the model's code can change.
 """
 
 from __future__ import annotations
@@ -41,8 +44,19 @@ from torch import nn
 
 from .layers import StructuredLinear, mup_init_std
 from .linear_like import is_linear_like, linear_dims
+from .mup_prepare import RESIDUAL_OUTPUTS, PrepareReport, PrepareRow, prepare
 
-__all__ = ["ParamInfo", "base_shapes", "describe", "param_groups", "param_info"]
+__all__ = [
+    "RESIDUAL_OUTPUTS",
+    "ParamInfo",
+    "PrepareReport",
+    "PrepareRow",
+    "base_shapes",
+    "describe",
+    "param_groups",
+    "param_info",
+    "prepare",
+]
 
 _LINEAR_KEY = ".__linear__"
 _OPTIMIZERS = ("adam", "adamw", "sgd")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from .layers import StructuredLinear, get_structure, make_linear, parse_spec, structure_options
 from .linear_like import is_conv1d, is_linear_like, linear_dims
 from .options import check_options
+from .structure_config import ORIGIN_ATTR, StructureConfig, entry_for, structure_config
 from .targets import ALL_LINEAR, HEAD, REPLACE, Pattern, TargetSelection, select_targets
 
 __all__ = ["SurgeryReport", "SurgeryRow", "structurize"]
@@ -46,6 +47,12 @@ class SurgeryRow:
     macs_before: int
     macs_after: int
     status: str  # "replaced", "dry-run", "kept (head)", "already structured", "refused: ..."
+    #: With ``init="from_dense"``: the relative Frobenius error ``||W - W'||_F / ||W||_F`` of the
+    #: projection (0 for a zero ``W``); None otherwise.
+    error: float | None = None
+    #: ``omega=… psi=… nu=…`` of an Einsum-family layer (Potapczynski et al., NeurIPS 2024);
+    #: "" for every other structure.
+    taxonomy: str = ""
 
     @property
     def changed(self) -> bool:
@@ -53,7 +60,14 @@ class SurgeryRow:
 
 
 class SurgeryReport(list):
-    """The rows of a surgery, printable as a table (``print(report)``)."""
+    """The rows of a surgery, printable as a table (``print(report)``).
+
+    ``report.config`` is the model's :class:`~structlin.structure_config.StructureConfig` after the
+    surgery (every structured layer, from this call and earlier ones; for a dry run, the layers it
+    would create), the record ``save_structured`` writes. ``report.to_dict()`` is plain JSON data.
+    """
+
+    config: StructureConfig = StructureConfig()
 
     @property
     def replaced(self) -> list[str]:
@@ -73,8 +87,18 @@ class SurgeryReport(list):
             "macs_after": sum(r.macs_after for r in rows),
         }
 
+    def to_dict(self) -> dict[str, Any]:
+        """The rows, the totals and the structure config as JSON-serialisable data."""
+        return {
+            "rows": [asdict(r) for r in self],
+            "totals": self.totals(),
+            "config": self.config.to_dict(),
+        }
+
     def __str__(self) -> str:
-        header = ("module", "old", "new", "params", "params'", "MACs", "MACs'", "status")
+        show = any(r.taxonomy for r in self)  # the column only where an einsum layer is
+        header = ("module", "old", "new", "params", "params'", "MACs", "MACs'", "rel. error")
+        header += ("taxonomy",) * show + ("status",)
         body = [
             (
                 r.name,
@@ -84,6 +108,8 @@ class SurgeryReport(list):
                 f"{r.params_after:,}",
                 f"{r.macs_before:,}",
                 f"{r.macs_after:,}",
+                "" if r.error is None else f"{r.error:.2e}",
+                *((r.taxonomy,) * show),
                 r.status,
             )
             for r in self
@@ -235,6 +261,7 @@ def structurize(
         _replace(model, plan, init)
     report = SurgeryReport(step.row for step in plan)
     _warn_and_check(selection, report, dense_names)
+    report.config = _config_after(model, plan, init, dry_run)
     return report
 
 
@@ -247,6 +274,7 @@ class _Step:
     module: nn.Module | None = None
     spec: Any = None
     opts: dict[str, Any] | None = None
+    probe: StructuredLinear | None = None  # the new layer on the meta device
 
 
 def _plan(
@@ -306,14 +334,36 @@ def _plan_replacement(
         d_in * d_out,
         probe.macs(),
         "dry-run" if dry_run else "replaced",
+        taxonomy=_taxonomy_text(probe),
     )
-    return _Step(row, module, spec, opts)
+    return _Step(row, module, spec, opts, probe)
 
 
 def _structured_row(name: str, layer: StructuredLinear) -> SurgeryRow:
     params, macs = layer.num_params, layer.macs()
-    s = layer.structure
-    return SurgeryRow(name, s, s, params, params, macs, macs, "already structured")
+    s = layer.spec if layer.structure else type(layer).__name__
+    taxonomy = _taxonomy_text(layer)
+    return SurgeryRow(name, s, s, params, params, macs, macs, "already structured", None, taxonomy)
+
+
+def _taxonomy_text(layer: nn.Module) -> str:
+    taxonomy = getattr(layer, "taxonomy", None)
+    return str(taxonomy()) if callable(taxonomy) else ""
+
+
+def _config_after(model: nn.Module, plan: list[_Step], init: str, dry_run: bool) -> StructureConfig:
+    """The model's structure config; a dry run adds the layers it would have created."""
+    config = structure_config(model)
+    if not dry_run:
+        return config
+    planned = [
+        replace(entry_for(step.row.name, step.probe), base=type(step.module).__name__, init=init)
+        for step in plan
+        if step.probe is not None
+    ]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    entries = sorted([*config.modules, *planned], key=lambda e: order[e.path])
+    return StructureConfig(tuple(entries))
 
 
 def _kept_row(name: str, module: nn.Module, status: str) -> SurgeryRow:
@@ -331,7 +381,20 @@ def _replace(model: nn.Module, plan: list[_Step], init: str) -> None:
         parent_name, _, child = step.row.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         d_in, d_out = linear_dims(step.module)
-        setattr(parent, child, _build(step.module, step.spec, step.opts, init, d_in, d_out))
+        new = _build(step.module, step.spec, step.opts, init, d_in, d_out)
+        if init == "from_dense":
+            step.row.error = _relative_error(step.module, new)
+        setattr(parent, child, new)
+
+
+@torch.no_grad()
+def _relative_error(module: nn.Module, layer: StructuredLinear) -> float:
+    """``||W - W'||_F / ||W||_F`` in float64 (0 when ``W`` is 0 and so is the fit)."""
+    w = module.weight.T if is_conv1d(module) else module.weight
+    w = w.detach().double()
+    diff = float(torch.linalg.matrix_norm(layer.to_dense().double() - w))
+    norm = float(torch.linalg.matrix_norm(w))
+    return diff / norm if norm > 0 else diff
 
 
 def _warn_and_check(
@@ -406,4 +469,6 @@ def _build(
     new.train(module.training)
     for p in new.parameters():
         p.requires_grad_(weight.requires_grad)
+    # Plain Python data on the module (never on a tensor), read by structure_config.
+    setattr(new, ORIGIN_ATTR, (type(module).__name__, init))
     return new

@@ -19,6 +19,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for name in list_structures():
         opts = ", ".join(structure_options(get_structure(name))) or "-"
         print(f"  {name:<11} options: {opts}")
+    _print_theta_presets()
     print(f"models: {', '.join(list_models())}")
     if args.layer:
         spec, d_in, d_out = args.layer
@@ -26,6 +27,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.config:
         _print_structure_report(args)
     return 0
+
+
+def _print_theta_presets() -> None:
+    from structlin import THETA_PRESETS
+
+    print("einsum presets (theta = alpha/beta/gamma/delta/epsilon/phi/rho, then its taxonomy):")
+    for name, theta in THETA_PRESETS.items():
+        print(f"  {name:<11} theta={theta}  {theta.taxonomy()}")
 
 
 def _print_structure_report(args: argparse.Namespace) -> None:
@@ -127,22 +136,53 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_coord_check(args: argparse.Namespace) -> int:
+    structures = [x.strip() for item in args.structures or () for x in item.split(";")]
+    structures = [x for x in structures if x]
+    if args.text or args.hf_config:
+        return _coord_check_text(args, structures)
     from .data import load_cifar
-    from .experiments.coord_mlp import run_coord_check_mlp
+    from .experiments.coord_mlp import DEFAULT_STRUCTURES, run_coord_check_mlp
 
     data = load_cifar("cifar10", args.cache, source=args.data, download=args.download)
-    structures = [s for s in args.structures.split(";") if s.strip()]
     run_coord_check_mlp(
         data.train_x,
         data.train_y,
         data.test_x[: args.eval_size],
-        structures=structures,
-        widths=args.widths,
-        steps=args.steps,
-        batch_size=args.batch_size,
+        structures=structures or DEFAULT_STRUCTURES,
+        widths=args.widths or [64, 128, 256, 512, 1024],
+        steps=args.steps or 40,
+        batch_size=args.batch_size or 512,
         lr=args.lr,
         base_width=args.base_width,
         depth=args.depth,
+        seed=args.seed,
+        out_dir=args.out,
+    )
+    print(f"wrote {args.out}/records.csv, fits.json and coord_check.png/pdf")
+    return 0
+
+
+def _coord_check_text(args: argparse.Namespace, structures: list[str]) -> int:
+    """``coord-check --text FILE --hf-config TYPE``: a tiny Hugging Face causal LM."""
+    if not (args.text and args.hf_config):
+        print("coord-check: --text and --hf-config go together", file=sys.stderr)
+        return 2
+    from .data import prepare_text
+    from .experiments.coord_text import DEFAULT_TEXT_STRUCTURES, run_coord_check_text
+
+    data = prepare_text(args.text, tokenizer="char", val_fraction=0.0, cache_dir=args.cache)
+    run_coord_check_text(
+        data.train,
+        data.vocab_size,
+        model_type=args.hf_config,
+        structures=structures or DEFAULT_TEXT_STRUCTURES,
+        widths=args.widths or [64, 128, 256, 512],
+        steps=args.steps or 10,
+        batch_size=args.batch_size or 8,
+        block_size=args.block_size,
+        lr=args.lr,
+        n_layer=args.depth,
+        d_head=args.d_head,
         seed=args.seed,
         out_dir=args.out,
     )
@@ -399,25 +439,35 @@ def _add_coord_check(sub) -> None:
 
     cc = sub.add_parser(
         "coord-check",
-        help="Δh vs width of the CIFAR-10 MLP, structure-aware vs naive LR (paper Fig. 2a)",
+        help="Δh vs width, structure-aware vs naive LR: the CIFAR-10 MLP (paper Fig. 2a), or a "
+        "Hugging Face causal LM on a text file (--text FILE --hf-config gpt2)",
     )
     cc.add_argument("--data", help="CIFAR-10 source: official archive/folder or image-folder tar")
     cc.add_argument("--download", action="store_true", help="download CIFAR-10 if not cached")
     cc.add_argument(
         "--cache", help="cache directory (default $STRUCTLIN_DATA or ~/.cache/structlin)"
     )
+    cc.add_argument("--text", help="a UTF-8 text file, tokenised by character (with --hf-config)")
+    cc.add_argument(
+        "--hf-config",
+        help="a transformers model type (gpt2, llama, ...): a tiny causal LM built from a local "
+        "config, with heads of --d-head, --depth blocks and an untied head; nothing is downloaded",
+    )
     cc.add_argument(
         "--structures",
-        default=";".join(DEFAULT_STRUCTURES),
-        help="';'-separated structure specs (default: %(default)s)",
+        nargs="+",
+        help=f"structure specs, space- or ';'-separated (default: {';'.join(DEFAULT_STRUCTURES)}; "
+        "with --text: dense btt)",
     )
-    cc.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
-    cc.add_argument("--steps", type=int, default=40)
-    cc.add_argument("--batch-size", type=int, default=512)
+    cc.add_argument("--widths", type=int, nargs="+", help="default 64..1024 (--text: 64..512)")
+    cc.add_argument("--steps", type=int, help="default 40 (--text: 10)")
+    cc.add_argument("--batch-size", type=int, help="default 512 (--text: 8 windows)")
     cc.add_argument("--lr", type=float, default=3e-3)
-    cc.add_argument("--base-width", type=int, default=64)
-    cc.add_argument("--depth", type=int, default=2)
+    cc.add_argument("--base-width", type=int, default=64, help="CIFAR-10 only (--text: min width)")
+    cc.add_argument("--depth", type=int, default=2, help="MLP depth, or transformer blocks")
     cc.add_argument("--eval-size", type=int, default=512)
+    cc.add_argument("--block-size", type=int, default=64, help="--text: context length")
+    cc.add_argument("--d-head", type=int, default=16, help="--text: attention head size")
     cc.add_argument("--seed", type=int, default=0)
     cc.add_argument("--out", default="coord_check")
     cc.set_defaults(func=_cmd_coord_check)

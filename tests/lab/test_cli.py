@@ -202,3 +202,42 @@ def test_bench_command_writes_rows_and_settings(tmp_path):
     assert {"dense", "btt:r=1", "btt_naive:r=1", "monarch:b=4", "tt"} <= names
     btt = next(r for r in data["rows"] if r["structure"] == "btt:r=1")
     assert btt["flop_ratio"] > 1 and btt["speedup_vs_naive"] > 0
+
+
+def test_coord_check_on_a_text_file_and_an_hf_config(tmp_path, capsys):
+    pytest.importorskip("transformers", reason="transformers is a test extra")
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran"]
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(rng.choice(words) for _ in range(2000)) + "\n")
+    out = tmp_path / "out"
+    args = ["coord-check", "--text", str(text), "--hf-config", "gpt2", "--widths", "32", "64"]
+    args += ["--structures", "dense", "btt", "--steps", "3", "--block-size", "16", "--d-head", "8"]
+    args += ["--cache", str(tmp_path / "cache"), "--out", str(out)]
+    assert main(args) == 0
+    fits = json.loads((out / "fits.json").read_text())
+    assert {(f["structure"], f["lr_rule"]) for f in fits} == {
+        ("dense", "dense"),
+        ("dense", "structure-aware"),
+        ("btt", "dense"),
+        ("btt", "structure-aware"),
+    }
+    assert all(f["widths"] == [32, 64] and all(d > 0 for d in f["dh"]) for f in fits)
+    header = (out / "records.csv").read_text().splitlines()[0]
+    assert header.startswith("structure,lr_rule,width,step,layer,h,dh")
+    assert "transformer.h.1" in (out / "records.csv").read_text()
+    assert "records.csv" in capsys.readouterr().out
+    assert main(["coord-check", "--text", str(text)]) == 2  # --hf-config is needed too
+
+
+def test_info_lists_einsum_presets_with_their_taxonomy(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "einsum presets" in out
+    btt_line = next(
+        line for line in out.splitlines() if line.strip().startswith("btt ") and "theta" in line
+    )
+    assert "theta=0.5/0/0.5/0/0.5/0.5/0" in btt_line and "omega=0 psi=1 nu=0.5" in btt_line

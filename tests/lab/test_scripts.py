@@ -105,3 +105,100 @@ def test_malloc_step_benchmark_times_both_allocators(tmp_path):
         assert len(p["tuned"]["steps_s"]) == 2 and all(t > 0 for t in p["tuned"]["steps_s"])
         assert p["ratio"] == pytest.approx(p["default"]["median_s"] / p["tuned"]["median_s"])
     assert res["median_ratio"] > 0 and not list(tmp_path.glob("*.tmp*"))
+
+
+def _gpu_cifar(tmp_path, env_extra, timeout=120):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), **env_extra}
+    return subprocess.run(
+        ["bash", str(SCRIPTS / "gpu_cifar_study.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EPOCHS": "many"}, "EPOCHS: expected a number, got 'many'"),
+        ({"JOBS": "0"}, "JOBS: expected a positive number, got '0'"),
+        ({"DATA": "/nonexistent/cifar.tgz"}, "DATA: no CIFAR-10 copy at '/nonexistent/cifar.tgz'"),
+    ],
+)
+def test_gpu_cifar_study_rejects_bad_settings_before_running(tmp_path, fake_cifar, env, message):
+    out = _gpu_cifar(tmp_path, {"DATA": str(fake_cifar), **env})
+    assert out.returncode == 2 and message in out.stderr
+    assert not (tmp_path / "out" / "plan.txt").exists()
+
+
+def test_gpu_cifar_study_spec_spans_the_issue_s_compute_range():
+    """6 structures x at least 6 widths; each structure's forward MACs (so its training compute: the
+    same epochs for every run) span at least 2.5 decades. The MLP's MACs are summed from its layers,
+    built on the meta device: input 3072 -> w, 3 blocks of w -> 4w -> w, dense head w -> 10."""
+    import yaml
+
+    from structlin import make_linear
+
+    spec = yaml.safe_load(
+        (SCRIPTS.parent / "configs" / "sweeps" / "cifar10_mlp_scaling-gpu.yaml").read_text()
+    )
+    assert "train.epochs=100" in spec["set"] and spec["grid"]["lrs"] == [3.0e-3]
+    entries = spec["grid"]["structures"]
+    assert len(entries) == 6
+
+    def macs(structure: str, w: int) -> int:
+        shapes = [(3072, w)] + [(w, 4 * w), (4 * w, w)] * 3
+        return sum(make_linear(structure, *s, device="meta").macs() for s in shapes) + 10 * w
+
+    for entry in entries:
+        assert len(entry["widths"]) >= 6
+        lo, hi = (
+            macs(entry["spec"], min(entry["widths"])),
+            macs(entry["spec"], max(entry["widths"])),
+        )
+        assert math.log10(hi / lo) >= 2.5, entry["spec"]
+
+
+@pytest.mark.slow
+def test_gpu_cifar_study_writes_the_plan_of_36_runs(tmp_path, fake_cifar):
+    out = _gpu_cifar(tmp_path, {"DATA": str(fake_cifar), "STAGES": ""}, timeout=600)
+    assert out.returncode == 0, out.stderr
+    plan = (tmp_path / "out" / "plan.txt").read_text()
+    assert "36 runs" in plan and "btt_w8192_lr3e-03_s0" in plan
+
+
+@pytest.mark.slow
+def test_gpu_cifar_study_tiny_cpu_slice_trains_fits_and_packs(tmp_path, fake_cifar):
+    import tarfile
+
+    spec = (SCRIPTS.parent / "configs" / "sweeps" / "cifar10_mlp_scaling-gpu.yaml").read_text()
+    base = SCRIPTS.parent / "configs" / "cifar10_mlp.yaml"
+    spec = spec.replace("base: ../cifar10_mlp.yaml", f"base: {base}")
+    spec = spec.replace("out: ../../runs/cifar10_mlp_scaling_gpu", f"out: {tmp_path / 'runs'}")
+    (tmp_path / "spec.yaml").write_text(spec)
+    env = {
+        "SPEC": str(tmp_path / "spec.yaml"),
+        "DATA": str(fake_cifar),
+        "DATA_ROOT": str(tmp_path / "cache"),
+        "JOBS": "2",
+        "STAGES": "core fit",
+        "EPOCHS": "1",
+        "ONLY": "dense_w64_* dense_w128_* dense_w256_* btt_w64_* btt_w256_* btt_w1024_*",
+        "EXTRA_SET": "train.device=cpu train.ckpt_every=0 data.batch_size=64 train.progress=false",
+    }
+    out = _gpu_cifar(tmp_path, env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    fit = (tmp_path / "out" / "fit_final_train_error_vs_train_macs.txt").read_text()
+    assert "dense" in fit and "btt:rank=1" in fit
+    assert (
+        tmp_path / "out" / "figures" / "final_test_error_vs_wall_time_s" / "scaling.png"
+    ).is_file()
+    with tarfile.open(tmp_path / "out" / "cifar_runs.tgz") as tar:
+        names = tar.getnames()
+    assert sum(n.endswith("metrics.jsonl") for n in names) == 6
+    assert not any("checkpoints" in n for n in names)

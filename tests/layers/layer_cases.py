@@ -131,3 +131,16 @@ def grads(layer, x: torch.Tensor, out_grad: torch.Tensor, reference: bool) -> di
         out[name] = p.grad.clone()
     layer.zero_grad(set_to_none=True)
     return out
+
+
+# The Einsum family: its fast paths (BTT kernel, dense, low-rank), the general two-matmul path
+# (Kronecker/TT and a generic point, which pads both widths: 7 -> 8, 13 -> 14).
+EINSUM_CASES: list[tuple[str, int, int, dict]] = [
+    ("einsum", 12, 20, {"theta": "btt"}),
+    ("einsum", 8, 27, {"theta": "0.333/0/0.667/0/0.667/0.333/0.25"}),
+    ("einsum", 16, 12, {"theta": "dense"}),
+    ("einsum", 13, 7, {"theta": "1/0/0/0/1/0/0.5"}),
+    ("einsum", 12, 20, {"theta": "tt"}),
+    ("einsum", 7, 13, {"theta": "0.5/0.25/0.25/0.25/0.5/0.25/0.25"}),
+]
+CASES += EINSUM_CASES

@@ -15,6 +15,7 @@ MODULES = [
     "block_diag",
     "btt",
     "dense",
+    "einsum",
     "factorize",
     "kron",
     "low_rank",
@@ -23,7 +24,7 @@ MODULES = [
     "spec",
     "tt",
 ]
-STRUCTURE_MODULES = {"block_diag", "btt", "dense", "kron", "low_rank", "monarch", "tt"}
+STRUCTURE_MODULES = {"block_diag", "btt", "dense", "einsum", "kron", "low_rank", "monarch", "tt"}
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -208,3 +208,49 @@ def test_from_linear_without_bias_clears_stale_bias():
     layer.from_linear(lin)
     x = torch.randn(3, 12, dtype=F64)
     torch.testing.assert_close(layer(x), lin(x))
+
+
+# Awkward widths: 97 is prime (padded to 98 = 7 x 14 or 2 x 7 x 7), 50 and 52 pad monarch and
+# block_diag. The real block of a padded layer is all from_dense sees; its padded entries are free.
+PADDED_AWKWARD = [
+    ("tt", 97, 50, {"rank": 4}),
+    ("tt", 97, 50, {"cores": 3}),
+    ("tt", 50, 97, {"rank": 4}),
+    ("kron", 97, 50, {}),
+    ("kron", 97, 50, {"cores": 3}),
+    ("kron", 50, 97, {}),
+    ("btt", 97, 50, {"rank": 4}),
+    ("btt", 97, 50, {"cores": 3, "rank": 2}),
+    ("monarch", 97, 50, {"blocks": 4}),
+    ("low_rank", 97, 50, {"rank": 4}),
+    ("block_diag", 97, 50, {"blocks": 4}),
+]
+
+
+@pytest.mark.parametrize("case", PADDED_AWKWARD, ids=case_id)
+def test_from_dense_exact_on_own_dense_at_padded_widths(case):
+    spec, d_in, d_out, opts = case
+    source = build(spec, d_in, d_out, opts, seed=11)
+    target = build(spec, d_in, d_out, opts, seed=12)
+    w = source.to_dense()
+    assert torch.linalg.matrix_norm(target.to_dense() - w) > 0.1 * torch.linalg.matrix_norm(w)
+    target.from_dense(w)
+    rel = torch.linalg.matrix_norm(target.to_dense() - w) / torch.linalg.matrix_norm(w)
+    assert rel.item() <= 1e-6, f"{case_id(case)}: relative error {rel.item():.2e}"
+
+
+@pytest.mark.parametrize(("spec", "opts"), [("tt", {"rank": 4}), ("kron", {})])
+def test_padded_from_dense_fits_the_real_block_better_than_zero_padding(spec, opts):
+    """On a matrix the structure cannot represent, the refit of the real block is no worse than
+    TT-SVD of the zero-padded matrix (the previous projection), and still a projection."""
+    torch.manual_seed(13)
+    w = torch.randn(50, 97, dtype=F64)
+    layer = build(spec, 97, 50, opts).from_dense(w)
+    padded = torch.nn.functional.pad(w, (0, layer.in_padded - 97, 0, layer.out_padded - 50))
+    with torch.no_grad():
+        plain = build(spec, 97, 50, opts)
+        for param, core in zip(plain.weights, plain._tt_svd(padded), strict=True):
+            param.copy_(core)
+    err = torch.linalg.matrix_norm(layer.to_dense() - w)
+    assert err <= torch.linalg.matrix_norm(plain.to_dense() - w) + 1e-12
+    assert 0.5 * torch.linalg.matrix_norm(w) < err < torch.linalg.matrix_norm(w)

@@ -14,8 +14,9 @@ CPU's feature flags, and is written atomically, so concurrent processes and shar
 directories are safe. OpenMP resolves to the ``libgomp`` that PyTorch already loaded, so the
 kernel shares PyTorch's threads and follows ``torch.set_num_threads``.
 
-When it is used (see :func:`kernel_for`): float32 tensors on the CPU, outside ``torch.compile``
-tracing and outside dispatch modes such as ``FlopCounterMode`` (which must see the torch ops),
+When it is used (see :func:`kernel_for`): float32 tensors on the CPU, inside the
+``structlin::btt2`` custom op (:mod:`.ops`; a bare call outside it is refused under
+``torch.compile`` tracing and dispatch modes such as ``FlopCounterMode``, which must see ops),
 with ``M0``, ``H = N0*r``, ``K = r*M1`` and ``N1`` all multiples of 8, blocks of at most 32 and
 rank at most 2, which is where it measured faster (BTT rank 1-2 up to ``d = 1024``; Monarch with
 ``sqrt(d)`` blocks). Everything else, and any machine where the build fails (no compiler, no
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BTT2Kernel", "available", "cache_dir", "enabled", "kernel_for"]
+__all__ = ["BTT2Kernel", "available", "cache_dir", "enabled", "kernel_for", "kernel_for_shapes"]
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # Where the C kernel beats the torch.bmm path (forward+backward, batch 512, 2-core AVX2 CPU,
@@ -229,32 +230,53 @@ def available() -> bool:
 
 
 def kernel_for(
-    x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    w0: torch.Tensor,
+    w1: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    in_op: bool = False,
 ) -> BTT2Kernel | None:
     """The compiled kernel for this call, or None when the ``torch.bmm`` path must be used.
 
-    Inconsistent shapes also get None: the C code trusts its sizes, while the torch path raises
-    a proper error for them."""
+    ``in_op=True``: the caller runs the kernel inside the ``structlin::btt2`` custom op
+    (:mod:`.ops`), which the compiler and every dispatch mode see as one op, so the kernel may
+    run under them. Inconsistent shapes also get None: the C code trusts its sizes, while the
+    torch path raises a proper error for them."""
     tensors = [t for t in (x, w0, w1, bias) if t is not None]
     if (
         any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
         or x.dim() != 2
-        or w0.dim() != 3
-        or w1.dim() != 3
-        or torch.compiler.is_compiling()
-        or _in_dispatch_mode()
-        or not enabled()
+        or (not in_op and (torch.compiler.is_compiling() or _in_dispatch_mode()))
     ):
         return None
-    m1, h, m0 = w0.shape
-    n0, n1, k = w1.shape
+    bias_shape = tuple(bias.shape) if bias is not None else None
+    return kernel_for_shapes("cpu", torch.float32, x.shape[1], w0.shape, w1.shape, bias_shape)
+
+
+def kernel_for_shapes(
+    device: str,
+    dtype: torch.dtype,
+    in_features: int,
+    w0_shape: tuple[int, ...],
+    w1_shape: tuple[int, ...],
+    bias_shape: tuple[int, ...] | None,
+) -> BTT2Kernel | None:
+    """:func:`kernel_for` from plain values, for ``x: (N, in_features)`` and all tensors on
+    ``device`` in ``dtype`` (the answer never depends on ``N``, nor on dispatch modes)."""
+    if device != "cpu" or dtype != torch.float32 or len(w0_shape) != 3 or len(w1_shape) != 3:
+        return None
+    if not enabled():
+        return None
+    m1, h, m0 = w0_shape
+    n0, n1, k = w1_shape
     r = h // n0 if n0 else 0
     if (
         r < 1
         or h != n0 * r
         or k != r * m1
-        or x.shape[1] != m1 * m0
-        or (bias is not None and bias.shape != (n0 * n1,))
+        or in_features != m1 * m0
+        or (bias_shape is not None and tuple(bias_shape) != (n0 * n1,))
     ):
         return None
     if any(dim % 8 for dim in (h, k, m0, n1)):

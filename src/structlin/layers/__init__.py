@@ -4,6 +4,7 @@ from .base import Factor, StructuredLinear, mup_init_std
 from .block_diag import BlockDiagLinear
 from .btt import BTTLinear
 from .dense import DenseLinear
+from .einsum import EinsumLinear
 from .factorize import WidthPlan, balanced_factors, plan_factors, plan_widths
 from .kron import KronLinear
 from .low_rank import LowRankLinear
@@ -23,6 +24,7 @@ __all__ = [
     "BTTLinear",
     "BlockDiagLinear",
     "DenseLinear",
+    "EinsumLinear",
     "Factor",
     "KronLinear",
     "LowRankLinear",

@@ -144,13 +144,22 @@ class TTLinear(StructuredLinear):
         )
 
     def _from_dense_padded(self, weight: torch.Tensor) -> None:
-        # TT-SVD on W rearranged so that mode t is (i_t, j_t); for c = 2, rank 1 this is the
-        # Van Loan-Pitsianis nearest Kronecker product.
+        cores = self._tt_svd(weight)
+        if (self.in_padded, self.out_padded) != (self.in_features, self.out_features):
+            cores = self._complete_padding(weight, cores)
+        for param, core in zip(self.weights, cores, strict=True):
+            param.copy_(core)
+
+    def _tt_svd(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        """TT-SVD of the padded ``W``: the cores in their stored layout (``weight``'s dtype)."""
+        # W rearranged so that mode t is (i_t, j_t); for c = 2, rank 1 this is the Van
+        # Loan-Pitsianis nearest Kronecker product.
         m, n, r = self.in_factors, self.out_factors, self.ranks
         c = len(m)
         t_ = weight.reshape(*n, *m)
         perm = [p for t in range(c) for p in (c + t, t)]  # (i_0, j_0, i_1, j_1, ...)
         rem = t_.permute(*perm).reshape(1, -1)
+        cores = []
         for t in range(c):
             rows = r[t] * m[t] * n[t]
             mat = rem.reshape(rows, -1)
@@ -164,8 +173,37 @@ class TTLinear(StructuredLinear):
                 rem = torch.zeros(r[t + 1], mat.shape[1], dtype=mat.dtype, device=mat.device)
                 rem[:k] = s[:k, None] * vh[:k]
                 core = core.reshape(r[t], m[t], n[t], r[t + 1])
-            stored = core.permute(2, 3, 0, 1).reshape(n[t] * r[t + 1], r[t] * m[t])
-            self.weights[t].copy_(stored)
+            cores.append(core.permute(2, 3, 0, 1).reshape(n[t] * r[t + 1], r[t] * m[t]))
+        return cores
+
+    def _complete_padding(
+        self, weight: torch.Tensor, cores: list[torch.Tensor], steps: int = 300
+    ) -> list[torch.Tensor]:
+        """Refit the cores to the real ``out_features x in_features`` block of ``weight`` alone.
+
+        The padded rows and columns are not part of ``W``: a TT whose real block equals ``W``
+        generally has non-zero padded entries, so TT-SVD of the zero-padded matrix is not exact
+        even when ``W`` is representable. Hard imputation: fill the padded entries with the
+        current fit's values and redo TT-SVD, keeping the best fit of the real block. Each step
+        cannot be much worse than the last (TT-SVD is quasi-optimal), and a representable ``W``
+        converges to it linearly; stops once the real-block error is at rounding level or stalls.
+        """
+        real = (slice(0, self.out_features), slice(0, self.in_features))
+        target = weight[real]
+        scale = float(target.norm()) or 1.0
+        eye = torch.eye(self.in_padded, dtype=weight.dtype, device=weight.device)
+        best, best_err, last_err = cores, math.inf, math.inf
+        for _ in range(steps):
+            dense = self._reference_matmul(eye, cores).T
+            err = float((dense[real] - target).norm()) / scale
+            if err < best_err:
+                best, best_err = cores, err
+            if err < 1e-13 or err > 0.999 * last_err:  # exact, or no longer improving
+                break
+            last_err = err
+            dense[real] = target
+            cores = self._tt_svd(dense)
+        return best
 
     def options(self) -> dict[str, Any]:
         sizes = (self.in_factors, self.out_factors, self.pad_tolerance)

@@ -101,6 +101,8 @@ class TrainConfig:
     device: str = "auto"
     autocast: str = "auto"  # "auto" = bf16 on CUDA, off elsewhere; or "bf16", "off"
     compile: bool = False
+    # torch.compile mode when compile is on; "reduce-overhead" replays CUDA graphs (CUDA only)
+    compile_mode: str = "default"
     tensorboard: bool = False
     progress: bool = True
 
@@ -232,10 +234,39 @@ def _validate(c: Config) -> None:
         raise ValueError(
             f"train.eval_every must be a positive step count, got {c.train.eval_every}"
         )
+    check_compile_mode(c.train, c.train.device)
     if c.train.ckpt_every < 0:
         raise ValueError(
             f"train.ckpt_every must be a step count, or 0 for no checkpoints; got "
             f"{c.train.ckpt_every}"
+        )
+
+
+#: ``train.compile_mode`` values: ``torch.compile``'s modes.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: Modes that capture CUDA graphs, so they need a CUDA device.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_compile_mode(train: TrainConfig, device: str) -> None:
+    """Validate ``train.compile_mode`` against ``train.compile`` and the device type (``"auto"``
+    is checked again by the trainer once the device is known)."""
+    mode = train.compile_mode
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}"
+            f"{suggest(mode, COMPILE_MODES)}"
+        )
+    if mode != "default" and not train.compile:
+        raise ValueError(f"train.compile_mode={mode} needs train.compile=true")
+    if (
+        mode in CUDA_GRAPH_MODES
+        and device not in ("auto", "cuda")
+        and not device.startswith("cuda:")
+    ):
+        raise ValueError(
+            f"train.compile_mode={mode} captures CUDA graphs and needs a CUDA device; the device "
+            f"is {device!r}. Use compile_mode=default (or max-autotune-no-cudagraphs) here."
         )
 
 

@@ -42,7 +42,7 @@ from structlin.io import atomic_write_text
 
 from .build import build_model, build_optimizer, forward_macs, seed_everything
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from .config import Config, config_hash
+from .config import Config, check_compile_mode, config_hash
 from .monitor import factor_rms_stats
 from .schedule import lr_factor
 from .tasks import BatchResult, build_task
@@ -124,7 +124,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(self.model, device_ids=ids)
         if config.train.compile:
-            self.forward = torch.compile(self.forward)
+            check_compile_mode(config.train, str(self.device))
+            self.forward = torch.compile(self.forward, mode=config.train.compile_mode)
         self.macs_per_example = forward_macs(self.model, self.task.example_input())
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.step = 0

@@ -83,3 +83,32 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_compile_mode_is_validated_and_plumbed(tmp_path):
+    p = write(tmp_path, "train: {steps: 1, compile: true, compile_mode: reduce-overhead}\n")
+    c = load_config(p)
+    assert c.train.compile_mode == "reduce-overhead"
+    assert Config.from_dict(c.to_dict()) == c
+    assert load_config(None, ["train.steps=1"]).train.compile_mode == "default"
+    with pytest.raises(ValueError, match="captures CUDA graphs and needs a CUDA device"):
+        load_config(p, ["train.device=cpu"])
+    with pytest.raises(ValueError, match=r"needs train\.compile=true"):
+        load_config(p, ["train.compile=false"])
+    with pytest.raises(ValueError, match="must be one of default, reduce-overhead"):
+        load_config(p, ["train.compile_mode=reduce_overhead"])
+    cpu_ok = load_config(p, ["train.device=cpu", "train.compile_mode=max-autotune-no-cudagraphs"])
+    assert cpu_ok.train.compile_mode == "max-autotune-no-cudagraphs"
+
+
+def test_auto_device_resolving_to_cpu_rejects_cuda_graphs():
+    """``device: auto`` passes the config check; the trainer checks again with the real device."""
+    from structlin_lab.train.config import check_compile_mode
+
+    c = load_config(
+        None, ["train.steps=1", "train.compile=true", "train.compile_mode=max-autotune"]
+    )
+    check_compile_mode(c.train, "auto")
+    check_compile_mode(c.train, "cuda:1")
+    with pytest.raises(ValueError, match="needs a CUDA device; the device is 'cpu'"):
+        check_compile_mode(c.train, "cpu")
