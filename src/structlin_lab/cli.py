@@ -281,6 +281,48 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .runs import export_run
+
+    out = export_run(args.run_dir, args.out_dir)
+    print(f"wrote {out} (reload: structlin_lab.load_exported or structlin.load_structured)")
+    return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from .compress import FinetuneOptions, TextOptions, compress
+
+    text = None
+    if args.text:
+        text = TextOptions(
+            args.text,
+            tokenizer=args.tokenizer,
+            tokenizer_file=args.tokenizer_file,
+            cache_dir=args.cache,
+            batch_size=args.batch_size,
+            block_size=args.block_size,
+            seed=args.seed,
+        )
+    ft = FinetuneOptions(
+        steps=args.steps,
+        lr=args.lr,
+        distill=args.distill,
+        alpha=args.alpha,
+        temperature=args.temperature,
+    )
+    compress(
+        args.source,
+        args.out_dir,
+        args.structure,
+        params=args.params,
+        macs=args.macs,
+        finetune_options=ft,
+        text=text,
+        device=args.device,
+    )
+    return 0
+
+
 def _add_tune_malloc_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-tune-malloc",
@@ -473,6 +515,51 @@ def _add_coord_check(sub) -> None:
     cc.set_defaults(func=_cmd_coord_check)
 
 
+def _add_export(sub) -> None:
+    ex = sub.add_parser("export", help="write a training run's model in save_structured's format")
+    ex.add_argument("run_dir", help="a run directory (config.yaml, checkpoints/last.pt)")
+    ex.add_argument("out_dir", help="new directory: structure.json, safetensors, lab_run.json")
+    ex.set_defaults(func=_cmd_export)
+
+
+def _add_compress(sub) -> None:
+    cp = sub.add_parser(
+        "compress",
+        help="project a trained model's linear layers onto a structure (from_dense), print the "
+        "per-layer error and savings, optionally fine-tune, save a load_structured directory",
+    )
+    cp.add_argument(
+        "source",
+        help="a run directory, a save_structured directory, or a dense transformers directory",
+    )
+    cp.add_argument("out_dir", help="new directory written by save_structured")
+    cp.add_argument("--structure", required=True, help="spec, e.g. btt:rank=4 or low_rank")
+    size = cp.add_mutually_exclusive_group()
+    size.add_argument(
+        "--params",
+        type=float,
+        help="target fraction in (0, 1) of the linear layers' params: picks the structure's "
+        "rank (low_rank, tt, btt) or blocks (monarch, block_diag)",
+    )
+    size.add_argument("--macs", type=float, help="the same, as a fraction of their MACs")
+    cp.add_argument("--steps", type=int, default=0, help="fine-tuning steps (default 0: none)")
+    cp.add_argument("--lr", type=float, default=1e-3, help="fine-tuning AdamW learning rate")
+    cp.add_argument(
+        "--distill", action="store_true", help="distil from the dense model's logits (KL)"
+    )
+    cp.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term")
+    cp.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
+    cp.add_argument("--text", help="transformers models: UTF-8 text (or .gz) to fine-tune on")
+    cp.add_argument("--tokenizer", default="char", choices=["char", "gpt2"])
+    cp.add_argument("--tokenizer-file", help="local gpt2.tiktoken ranks file")
+    cp.add_argument("--cache", help="token cache directory (default $STRUCTLIN_DATA)")
+    cp.add_argument("--batch-size", type=int, default=8, help="--text: windows per step")
+    cp.add_argument("--block-size", type=int, default=64, help="--text: tokens per window")
+    cp.add_argument("--seed", type=int, default=0, help="--text: seed of the windows")
+    cp.add_argument("--device", default="cpu", help="where fine-tuning runs")
+    cp.set_defaults(func=_cmd_compress)
+
+
 #: One function per command, each adding its sub-parser; in the order ``--help`` lists them.
 _COMMANDS = (
     _add_train,
@@ -485,6 +572,8 @@ _COMMANDS = (
     _add_demo,
     _add_bench,
     _add_coord_check,
+    _add_export,
+    _add_compress,
 )
 
 

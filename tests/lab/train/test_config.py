@@ -112,3 +112,63 @@ def test_auto_device_resolving_to_cpu_rejects_cuda_graphs():
     check_compile_mode(c.train, "cuda:1")
     with pytest.raises(ValueError, match="needs a CUDA device; the device is 'cpu'"):
         check_compile_mode(c.train, "cpu")
+
+
+def _draws():
+    import random
+
+    import numpy as np
+
+    return (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())  # noqa: NPY002
+
+
+def test_rng_state_is_plain_and_restores_every_generator(tmp_path):
+    from structlin_lab.train.checkpoint import capture_rng, restore_rng
+
+    path = tmp_path / "rng.pt"
+    save_checkpoint(path, {"rng": capture_rng()})
+    first = _draws()
+    state = torch.load(path, weights_only=True)["rng"]  # plain: no NumPy object pickled
+    restore_rng(state)
+    assert _draws() == first
+
+
+def test_checkpoint_numpy_values_are_stored_plain(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "c.pt"
+    save_checkpoint(
+        path, {"a": np.arange(3), "b": np.float32(0.5), "c": (np.int64(2), [np.ones(2)])}
+    )
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(state["a"], torch.arange(3)) and state["b"] == 0.5
+    assert state["c"][0] == 2 and type(state["c"][0]) is int
+    assert torch.equal(state["c"][1][0], torch.ones(2, dtype=torch.float64))
+
+
+def test_old_checkpoint_with_numpy_rng_is_still_read(tmp_path):
+    import numpy as np
+
+    from structlin_lab.train.checkpoint import restore_rng
+
+    np.random.seed(3)  # noqa: NPY002
+    old = {"python": __import__("random").getstate(), "numpy": np.random.get_state()}  # noqa: NPY002
+    old["torch"] = torch.get_rng_state()
+    path = tmp_path / "old.pt"
+    torch.save({"step": 5, "rng": old}, path)  # the format before checkpoints were plain
+    first = _draws()
+    state = load_checkpoint(path)
+    assert state["step"] == 5
+    restore_rng(state["rng"])
+    assert _draws() == first
+
+
+class _Foreign:
+    pass
+
+
+def test_a_checkpoint_pickling_other_objects_is_refused(tmp_path):
+    path = tmp_path / "bad.pt"
+    torch.save({"x": _Foreign()}, path)
+    with pytest.raises(ValueError, match=r"weights_only=True.*_Foreign"):
+        load_checkpoint(path)

@@ -201,3 +201,11 @@ def test_ckpt_every_zero_writes_no_checkpoint(tmp_path, tiny_config):
         tiny_config("train.ckpt_every=-1")
     with pytest.raises(ValueError, match="eval_every"):
         tiny_config("train.eval_every=0")
+
+
+def test_checkpoint_holds_only_tensors_and_plain_values(fake_cifar, tmp_path, tiny_config):
+    run = tmp_path / "run"
+    Trainer(tiny_config("structure.spec=btt", "train.steps=4"), run, log=None).fit()
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 4 and isinstance(state["rng"]["numpy"]["key"], torch.Tensor)
+    assert state["config"]["structure"]["spec"] == "btt"
