@@ -175,3 +175,14 @@ def test_meta_device_model():
     assert report.changed == prepare(Toy()).changed
     assert model.lm_head.weight.is_meta  # nothing was allocated
     assert "std nan" in _rows(report)["wte"].detail  # no values to measure on meta
+
+
+def test_attention_scale_is_kept_when_the_base_has_the_same_head_size():
+    model = nn.Sequential(nn.MultiheadAttention(64, 4), nn.Linear(64, 3))
+    with torch.device("meta"):
+        fixed = nn.Sequential(nn.MultiheadAttention(32, 2), nn.Linear(32, 3))  # d_head 16
+        growing = nn.Sequential(nn.MultiheadAttention(32, 4), nn.Linear(32, 3))  # d_head 8
+    (row,) = [r for r in prepare(model, base=fixed) if r.kind == "attention"]
+    assert row.action == "kept" and "d_head=16" in row.detail
+    (row,) = [r for r in prepare(model, base=growing).cannot_change if r.kind == "attention"]
+    assert "base model: d_head=8" in row.detail and "pass base=" not in row.detail

@@ -12,7 +12,9 @@ What only the model's code or config can change, and is therefore reported, not 
 
 * attention logits scaled by ``1/sqrt(d_head)``: μP needs ``1/d_head`` once ``d_head`` grows
   with width; with ``d_head`` fixed (heads added as width grows) ``1/sqrt(d_head)`` is a constant
-  and μP holds;
+  and μP holds. Given ``base=`` (the model at its base width, e.g. on the meta device),
+  :func:`prepare` compares the two ``d_head`` and reports the scale as kept when they agree;
+  without it, it cannot tell and reports the scale;
 * a readout tied to the input embedding: it cannot start at zero without zeroing the embedding;
 * parameters of modules it does not recognise.
 
@@ -126,6 +128,7 @@ def prepare(
     residual_modules: Pattern = RESIDUAL_OUTPUTS,
     keep_weights: bool = False,
     seed: int | None = None,
+    base: nn.Module | None = None,
 ) -> PrepareReport:
     """Initialise ``model`` in place for μP training from scratch; return what changed and what
     cannot change.
@@ -152,6 +155,10 @@ def prepare(
             the weights (or their compression); ``param_groups`` still gives the μP learning rates.
         seed: draw the new weights from this seed (the global RNG is restored afterwards), so that
             a second call gives the same weights; ``None`` uses the global RNG.
+        base: the same architecture at the base width (the ``base`` of
+            :func:`~structlin.mup.param_groups`; the meta device costs nothing). Only read, to
+            tell whether each attention module's ``d_head`` grows with width: if it does not,
+            its ``1/sqrt(d_head)`` scale is width-independent and reported as kept.
 
     Returns:
         A :class:`PrepareReport`; calling ``prepare`` again gives the same report.
@@ -167,7 +174,7 @@ def prepare(
         for name in linear:
             kind = "readout" if name == head else "residual" if name in residual else "linear"
             report.append(_init_linear(name, modules[name], kind, shared, keep_weights))
-    report += _other_rows(model, linear, shared)
+    report += _other_rows(model, linear, shared, base)
     if zero_init_residual and not residual:
         report.append(_no_residual_row(linear, residual_modules))
     return report
@@ -281,7 +288,7 @@ def _describe_init(module: nn.Module, zero: bool) -> str:
 
 
 def _other_rows(
-    model: nn.Module, linear: list[str], shared: dict[int, list[str]]
+    model: nn.Module, linear: list[str], shared: dict[int, list[str]], base: nn.Module | None
 ) -> list[PrepareRow]:
     """Rows for everything but the linear layers: embeddings, norms, attention, the rest."""
     rows: list[PrepareRow] = []
@@ -289,7 +296,7 @@ def _other_rows(
     for name, module in model.named_modules():
         if name in linear or name.startswith(inside):
             continue
-        row = _attention_row(name, module)
+        row = _attention_row(name, module, _base_module(base, name))
         if row is not None:
             rows.append(row)
         params = [(n, p) for n, p in module.named_parameters(recurse=False)]
@@ -331,24 +338,52 @@ def _embedding_row(name: str, module: nn.Embedding, shared: dict[int, list[str]]
     )
 
 
-def _attention_row(name: str, module: nn.Module) -> PrepareRow | None:
-    """A row for an attention module whose logit scale is ``1/sqrt(d_head)``."""
+def _base_module(base: nn.Module | None, name: str) -> nn.Module | None:
+    if base is None:
+        return None
+    try:
+        return base.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _sqrt_d_head_scaled(module: nn.Module | None) -> int | None:
+    """``d_head`` of an attention module whose logit scale is ``1/sqrt(d_head)``, else None."""
     if isinstance(module, nn.MultiheadAttention):
-        d_head, scaling = module.head_dim, module.head_dim**-0.5
-    else:
-        scaling = getattr(module, "scaling", None)
-        d_head = getattr(module, "head_dim", getattr(module, "attention_head_size", None))
-        if not isinstance(scaling, float) or not isinstance(d_head, int):
-            return None
+        return module.head_dim
+    scaling = getattr(module, "scaling", None)
+    d_head = getattr(module, "head_dim", getattr(module, "attention_head_size", None))
+    if not isinstance(scaling, float) or not isinstance(d_head, int):
+        return None
     if abs(scaling * d_head**0.5 - 1.0) > 1e-6:
         return None  # some other scale (e.g. already 1/d_head): nothing to say from one model
+    return d_head
+
+
+def _attention_row(name: str, module: nn.Module, base: nn.Module | None) -> PrepareRow | None:
+    """A row for an attention module whose logit scale is ``1/sqrt(d_head)``: kept if ``base``
+    (the module at the base width) has the same ``d_head``, else what only the model can fix."""
+    d_head = _sqrt_d_head_scaled(module)
+    if d_head is None:
+        return None
+    base_d_head = _sqrt_d_head_scaled(base)
+    if base_d_head == d_head:
+        return PrepareRow(
+            name,
+            "attention",
+            KEPT,
+            f"logits scaled by 1/sqrt(d_head), d_head={d_head} as in the base model: the head "
+            f"size does not grow with width, so the scale is a constant and μP holds",
+        )
+    grows = f" (base model: d_head={base_d_head})" if base_d_head is not None else ""
+    check = "" if base is not None else "; pass base= to check whether d_head grows"
     return PrepareRow(
         name,
         "attention",
         CANNOT,
-        f"logits scaled by 1/sqrt(d_head), d_head={d_head}: μP needs 1/d_head if d_head grows "
-        f"with width; keep d_head fixed and grow the number of heads (heads = width // "
-        f"{d_head}), or set this module's scaling to sqrt(d_head_base) / d_head",
+        f"logits scaled by 1/sqrt(d_head), d_head={d_head}{grows}: μP needs 1/d_head if d_head "
+        f"grows with width; keep d_head fixed and grow the number of heads (heads = width // "
+        f"{d_head}), or set this module's scaling to sqrt(d_head_base) / d_head{check}",
     )
 
 

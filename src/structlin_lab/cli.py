@@ -168,7 +168,11 @@ def _coord_check_text(args: argparse.Namespace, structures: list[str]) -> int:
         print("coord-check: --text and --hf-config go together", file=sys.stderr)
         return 2
     from .data import prepare_text
-    from .experiments.coord_text import DEFAULT_TEXT_STRUCTURES, run_coord_check_text
+    from .experiments.coord_text import (
+        DEFAULT_TEXT_STRUCTURES,
+        DEFAULT_TEXT_WIDTHS,
+        run_coord_check_text,
+    )
 
     data = prepare_text(args.text, tokenizer="char", val_fraction=0.0, cache_dir=args.cache)
     run_coord_check_text(
@@ -176,7 +180,7 @@ def _coord_check_text(args: argparse.Namespace, structures: list[str]) -> int:
         data.vocab_size,
         model_type=args.hf_config,
         structures=structures or DEFAULT_TEXT_STRUCTURES,
-        widths=args.widths or [64, 128, 256, 512],
+        widths=args.widths or list(DEFAULT_TEXT_WIDTHS),
         steps=args.steps or 10,
         batch_size=args.batch_size or 8,
         block_size=args.block_size,
@@ -501,7 +505,9 @@ def _add_coord_check(sub) -> None:
         help=f"structure specs, space- or ';'-separated (default: {';'.join(DEFAULT_STRUCTURES)}; "
         "with --text: dense btt)",
     )
-    cc.add_argument("--widths", type=int, nargs="+", help="default 64..1024 (--text: 64..512)")
+    cc.add_argument(
+        "--widths", type=int, nargs="+", help="default 64..1024 (--text: 64 144 256 400)"
+    )
     cc.add_argument("--steps", type=int, help="default 40 (--text: 10)")
     cc.add_argument("--batch-size", type=int, help="default 512 (--text: 8 windows)")
     cc.add_argument("--lr", type=float, default=3e-3)

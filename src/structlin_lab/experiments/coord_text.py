@@ -6,7 +6,15 @@ a tiny local config of a model type (``"gpt2"``, ``"llama"``, ...; nothing is do
 ``1/sqrt(d_head)`` attention scale stays constant, as μP needs), an MLP of ``4d`` and an untied
 head. Each model is structured with :func:`structlin.structurize` and initialised with
 :func:`structlin.mup.prepare`; ``Δh`` is measured on the output of the last block, as in the
-CIFAR-10 check (Qiu et al., ICML 2024, §3 and Figure 2a).
+CIFAR-10 check (Qiu et al., ICML 2024, §3 and Figure 2a). That is the right point for pre-LN
+models (GPT-2, Llama and most causal LMs); for a post-LN model measure a residual-branch output
+instead (docs/coord_check.md explains why).
+
+The default widths are squares that are multiples of 16 (:data:`DEFAULT_TEXT_WIDTHS`): BTT then
+splits every width, and the MLP's ``4d``, into the same balanced shape. At ``2^odd`` widths
+(128, 512) its rank-1 factors contract (``16 -> 8``), so the layer's output RMS is ``1/sqrt(2)``
+of that at the neighbouring square widths, and a fit over 64, 128, 256, 512 sees that zigzag as
+a slope.
 """
 
 from __future__ import annotations
@@ -29,9 +37,16 @@ from structlin.mup import prepare
 
 from ..data import get_batch
 
-__all__ = ["DEFAULT_TEXT_STRUCTURES", "hf_causal_lm_factory", "run_coord_check_text"]
+__all__ = [
+    "DEFAULT_TEXT_STRUCTURES",
+    "DEFAULT_TEXT_WIDTHS",
+    "hf_causal_lm_factory",
+    "run_coord_check_text",
+]
 
 DEFAULT_TEXT_STRUCTURES = ("dense", "btt")
+#: 8², 12², 16², 20²: one BTT factorisation shape at every width (see the module docstring).
+DEFAULT_TEXT_WIDTHS = (64, 144, 256, 400)
 
 
 def _hf_config(model_type: str, width: int, vocab_size: int, n_layer: int, d_head: int, seq: int):
@@ -102,7 +117,7 @@ def run_coord_check_text(
     *,
     model_type: str = "gpt2",
     structures: Sequence[str] = DEFAULT_TEXT_STRUCTURES,
-    widths: Sequence[int] = (64, 128, 256, 512),
+    widths: Sequence[int] = DEFAULT_TEXT_WIDTHS,
     steps: int = 10,
     batch_size: int = 8,
     block_size: int = 64,
