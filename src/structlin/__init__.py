@@ -4,11 +4,13 @@ Replace dense ``nn.Linear`` layers with low-rank, Kronecker, tensor-train, Monar
 Tensor-Train or block-diagonal matrices that spend far less compute per unit of width.
 """
 
-from . import mup, options
+from . import aux, mup, options
+from .aux import AuxOutput, add_aux_loss, add_aux_stat, clear_aux, collect_aux
 from .coord import coord_check
 from .layers import (
     BlockDiagLinear,
     BTTLinear,
+    BTTMoELinear,
     DenseLinear,
     EinsumLinear,
     Factor,
@@ -27,6 +29,7 @@ from .layers import (
     register_structure,
     structure_options,
 )
+from .layers.btt_moe import Routing, moe_aux_losses, route_top_k
 from .linear_like import is_conv1d, is_linear_like, linear_dims
 from .persist import StructureMismatchError, load_structured, read_structure, save_structured
 from .structure_config import ModuleEntry, StructureConfig, structure_config
@@ -37,7 +40,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "THETA_PRESETS",
+    "AuxOutput",
     "BTTLinear",
+    "BTTMoELinear",
     "BlockDiagLinear",
     "DenseLinear",
     "EinsumLinear",
@@ -46,6 +51,7 @@ __all__ = [
     "LowRankLinear",
     "ModuleEntry",
     "MonarchLinear",
+    "Routing",
     "StructureConfig",
     "StructureMismatchError",
     "StructuredLinear",
@@ -53,7 +59,12 @@ __all__ = [
     "Taxonomy",
     "Theta",
     "__version__",
+    "add_aux_loss",
+    "add_aux_stat",
+    "aux",
     "balanced_factors",
+    "clear_aux",
+    "collect_aux",
     "coord_check",
     "format_spec",
     "get_structure",
@@ -63,6 +74,7 @@ __all__ = [
     "list_structures",
     "load_structured",
     "make_linear",
+    "moe_aux_losses",
     "mup",
     "mup_init_std",
     "options",
@@ -70,6 +82,7 @@ __all__ = [
     "parse_theta",
     "read_structure",
     "register_structure",
+    "route_top_k",
     "save_structured",
     "structure_config",
     "structure_options",

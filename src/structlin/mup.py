@@ -256,8 +256,20 @@ def _linear_infos(
         )
     for name, p in module.named_parameters(recurse=True):
         if name not in factor_names and p.requires_grad:
-            infos.append(_vector_info(prefix + name, p))
+            infos.append(_other_info(prefix + name, p, d_in, base_in, wd))
     return infos
+
+
+def _other_info(name: str, p: torch.Tensor, d_in: int, base_in: int, wd: float) -> ParamInfo:
+    """A layer's parameter that is not one of its factors: a dense map of the layer's input,
+    ``(fan_out, d_in)`` with a fan-out the layer fixes (a mixture's router), gets the dense rule,
+    which for Adam and SGD alike is ``base_in / d_in``; biases and gains are vectors."""
+    if p.dim() == 2 and p.shape[1] == d_in:
+        fan_out = int(p.shape[0])
+        role = _role(d_in, fan_out, base_in, fan_out)
+        std = mup_init_std(d_in, fan_out)
+        return ParamInfo(name, role, d_in, fan_out, std, base_in / d_in, wd)
+    return _vector_info(name, p)
 
 
 def _tensor_info(

@@ -14,6 +14,7 @@ MODULES = [
     "base",
     "block_diag",
     "btt",
+    "btt_moe",
     "dense",
     "einsum",
     "factorize",
@@ -24,7 +25,17 @@ MODULES = [
     "spec",
     "tt",
 ]
-STRUCTURE_MODULES = {"block_diag", "btt", "dense", "einsum", "kron", "low_rank", "monarch", "tt"}
+STRUCTURE_MODULES = {
+    "block_diag",
+    "btt",
+    "btt_moe",
+    "dense",
+    "einsum",
+    "kron",
+    "low_rank",
+    "monarch",
+    "tt",
+}
 
 
 @pytest.mark.parametrize("name", MODULES)

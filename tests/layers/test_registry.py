@@ -47,7 +47,7 @@ def test_builtin_structures_registered():
 
 
 def test_list_structures_pattern():
-    assert list_structures("b*") == ["block_diag", "btt"]
+    assert list_structures("b*") == ["block_diag", "btt", "btt_moe"]
     assert list_structures("*ron*") == ["kron"]
     assert list_structures("low_?ank") == ["low_rank"]
     assert list_structures("no-such-*") == []

@@ -3,6 +3,7 @@
 from .base import Factor, StructuredLinear, mup_init_std
 from .block_diag import BlockDiagLinear
 from .btt import BTTLinear
+from .btt_moe import BTTMoELinear
 from .dense import DenseLinear
 from .einsum import EinsumLinear
 from .factorize import WidthPlan, balanced_factors, plan_factors, plan_widths
@@ -22,6 +23,7 @@ from .tt import TTLinear
 
 __all__ = [
     "BTTLinear",
+    "BTTMoELinear",
     "BlockDiagLinear",
     "DenseLinear",
     "EinsumLinear",

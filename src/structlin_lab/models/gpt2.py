@@ -17,10 +17,12 @@ from torch import nn
 from structlin import StructuredLinear, is_linear_like, linear_dims
 
 from .mlp import dense_init
+from .moe import MoEMLP
 
 __all__ = ["GPT2", "GPTConfig"]
 
 _EMBED_STD = 0.02
+_MLPS = ("dense", "moe")
 
 
 @dataclass
@@ -43,6 +45,11 @@ class GPTConfig:
         tie_embeddings: share ``lm_head.weight`` with ``wte.weight``. Off by default, as in the
             paper; when tied, the head is not zero-initialised and cannot be structured.
         dropout: dropout on the embeddings, attention probabilities and residual branches.
+        mlp: ``"dense"`` (the FFN ``d -> ffn_expansion*d -> d``) or ``"moe"``: a mixture of
+            ``n_experts`` such FFNs with top-``top_k`` routing (:class:`MoEMLP`, the dense-expert
+            baseline of BTT-MoE), whose auxiliary loss the trainer collects with
+            ``structlin.aux.collect_aux``.
+        n_experts, top_k: ``E`` and ``k`` of ``mlp="moe"`` (8 and 2).
     """
 
     vocab_size: int = 50257
@@ -56,6 +63,9 @@ class GPTConfig:
     bias: bool = False
     tie_embeddings: bool = False
     dropout: float = 0.0
+    mlp: str = "dense"
+    n_experts: int = 8
+    top_k: int = 2
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "d_model", "ffn_expansion"):
@@ -64,6 +74,16 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.mlp not in _MLPS:
+            raise ValueError(f"GPTConfig.mlp must be one of {_MLPS}, got {self.mlp!r}")
+        for name in ("n_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.top_k > self.n_experts:
+            raise ValueError(
+                f"GPTConfig.top_k ({self.top_k}) must be at most n_experts ({self.n_experts})"
+            )
         self.heads()  # validates the head geometry early
 
     def heads(self) -> tuple[int, int]:
@@ -154,6 +174,20 @@ class MLPBlock(nn.Module):
         return F.dropout(self.mlp_proj(F.gelu(self.c_fc(x))), self.dropout, self.training)
 
 
+def _mlp(config: GPTConfig) -> nn.Module:
+    if config.mlp == "dense":
+        return MLPBlock(config)
+    hidden = config.ffn_expansion * config.d_model
+    return MoEMLP(
+        config.d_model,
+        hidden,
+        config.n_experts,
+        config.top_k,
+        bias=config.bias,
+        dropout=config.dropout,
+    )
+
+
 class Block(nn.Module):
     """``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``; ``(B, T, d) -> (B, T, d)``."""
 
@@ -162,7 +196,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.d_model, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.d_model, bias=config.bias)
-        self.mlp = MLPBlock(config)
+        self.mlp = _mlp(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -180,7 +214,8 @@ class GPT2(nn.Module):
     initial loss is ``log(vocab_size)``).
 
     Names: ``wte``, ``wpe``, ``blocks.{i}.{ln_1, ln_2}``, ``blocks.{i}.attn.{q, k, v, q_ln, k_ln,
-    c_proj}``, ``blocks.{i}.mlp.{c_fc, mlp_proj}``, ``ln_f``, ``lm_head``.
+    c_proj}``, ``blocks.{i}.mlp.{c_fc, mlp_proj}``, ``ln_f``, ``lm_head``; with ``mlp="moe"``,
+    ``blocks.{i}.mlp.router`` and ``blocks.{i}.mlp.experts.{e}.{c_fc, mlp_proj}``.
 
     :func:`structlin.structurize` keeps ``lm_head`` dense by default (it is
     :meth:`get_output_embeddings`); the paper also structures it (``--layers=all``), which is
@@ -263,11 +298,16 @@ class GPT2(nn.Module):
           d_attn`` in all. Every query is charged the full ``block_size`` keys: the causal
           mask is not discounted.
 
+        * a mixture-of-experts FFN (``mlp="moe"``): its active experts and router only,
+          :meth:`MoEMLP.macs_per_token`.
+
         ``non_embedding=True`` leaves out ``lm_head`` (the paper's ``non_emb_compute``).
         """
-        total = 0
+        moes = [m for m in self.modules() if isinstance(m, MoEMLP)]
+        in_moe = {id(sub) for moe in moes for sub in moe.modules()}
+        total = sum(moe.macs_per_token() for moe in moes)
         for name, module in self.named_modules():
-            if not name or not is_linear_like(module):
+            if not name or not is_linear_like(module) or id(module) in in_moe:
                 continue
             if non_embedding and module is self.lm_head:
                 continue
