@@ -186,3 +186,64 @@ def test_double_backward_through_the_op():
 
 def test_no_triton_route_for_cpu_tensors():
     assert ops._triton_btt2(torch.zeros(2, 4)) is None
+
+
+# Run in a child process: Triton picks its interpreter when the kernels are first defined, so
+# TRITON_INTERPRET must be set before this process could have imported them.
+_TRITON_IN_OP = r"""
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from structlin import make_linear
+from structlin.kernels import ops, triton_btt
+
+calls = {"forward": 0, "backward": 0}
+for name in calls:
+    real = getattr(triton_btt, f"btt2_triton_{name}")
+    def spy(*a, _real=real, _name=name, **k):
+        calls[_name] += 1
+        return _real(*a, **k)
+    setattr(triton_btt, f"btt2_triton_{name}", spy)
+
+assert ops._triton_btt2(torch.zeros(2, 4)) is triton_btt  # told to: STRUCTLIN_TRITON=force
+for spec, d in (("btt:rank=3", 24), ("monarch:blocks=4", 16)):
+    torch.manual_seed(0)
+    layer = make_linear(spec, d, d)
+    with torch.no_grad():
+        layer.bias.normal_()
+    w0, w1 = (w.detach().requires_grad_() for w in layer.weights)
+    b = layer.bias.detach().requires_grad_()
+    x = torch.randn(10, d, requires_grad=True)
+    y, z = torch.ops.structlin.btt2(x.detach(), w0.detach(), w1.detach(), b.detach(), False, True)
+    assert z.numel() == 0  # the Triton branch: the intermediate is never stored
+    y_ref, _ = torch.ops.structlin.btt2(x.detach(), w0.detach(), w1.detach(), b.detach(), False)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    before = dict(calls)
+    with FlopCounterMode(display=False) as counter:  # sees the op, though Triton runs inside
+        out = ops.btt2(x, w0, w1, b)
+        got = torch.autograd.grad(out, (x, w0, w1, b), g)
+    assert calls["forward"] == before["forward"] + 1, calls
+    assert calls["backward"] == before["backward"] + 1, calls
+    # forward and the backward's two products, 2 FLOPs per MAC
+    assert counter.get_total_flops() == 2 * 3 * layer.macs(10), counter.get_total_flops()
+    want = torch.autograd.grad(
+        torch.ops.structlin.btt2(x, w0, w1, b, False)[0], (x, w0, w1, b), g
+    )
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+print("ok", calls)
+"""
+
+
+def test_triton_runs_inside_the_op_in_the_interpreter():
+    pytest.importorskip("triton", reason="triton is not installed (pip install -e .[triton])")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "STRUCTLIN_TRITON": "force"}
+    out = subprocess.run(
+        [sys.executable, "-c", _TRITON_IN_OP], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "ok {'forward': 4, 'backward': 2}" in out.stdout

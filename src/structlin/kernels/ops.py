@@ -6,14 +6,22 @@ per-sample gradients) refuses such a Function, ``FlopCounterMode`` and other dis
 cannot see the C kernel, and ``torch.compile`` must break the graph around it. As a custom op
 the product is one node that every transform understands:
 
-* ``structlin::btt2(x, w0, w1, bias, fused) -> (y, z)``: ``y = BTT(x) + bias``, ``(N, n0*n1)``,
-  and ``z``, the intermediate the backward needs (``N * m1 * n0 * r`` values). ``fused`` names
-  the implementation, and with it the layout of ``z``: the fused CPU C kernel of
-  :mod:`.cpu_jit` (``(N, m1, n0*r)``) or the batch-last ``torch.bmm`` path (``(n0, r*m1, N)``,
-  the permuted intermediate). The caller decides it from the shapes before the op runs, so the
-  fake (meta) implementation knows the shape of ``z`` too.
-* ``structlin::btt2_backward(x, w0, w1, z, grad, fused, need_dx, need_dw0, need_dw1, need_db)
-  -> (dx, dw0, dw1, db)``: gradients that are not needed come back as empty tensors.
+* ``structlin::btt2(x, w0, w1, bias, fused, triton=False) -> (y, z)``: ``y = BTT(x) + bias``,
+  ``(N, n0*n1)``, and ``z``, the intermediate the backward needs (``N * m1 * n0 * r`` values).
+  ``fused`` and ``triton`` name the implementation, and with it the layout of ``z``: the fused
+  CPU C kernel of :mod:`.cpu_jit` (``fused``: ``(N, m1, n0*r)``), the Triton kernels of
+  :mod:`.triton_btt` (``triton``: ``z`` is empty, ``(0,)``, because the one-kernel forward never
+  writes the intermediate and the backward recomputes it) or the batch-last ``torch.bmm`` path
+  (``(n0, r*m1, N)``, the permuted intermediate). The caller decides from the device, dtype and
+  shapes before the op runs, so the fake (meta) implementation knows the shape of ``z`` too.
+* ``structlin::btt2_backward(x, w0, w1, z, grad, fused, need_dx, need_dw0, need_dw1, need_db,
+  triton=False) -> (dx, dw0, dw1, db)``: gradients that are not needed come back as empty
+  tensors.
+
+Which implementation runs: CUDA tensors take Triton when it is installed (``STRUCTLIN_TRITON=0``
+turns it off; ``STRUCTLIN_TRITON=force`` also routes CPU tensors to it when Triton's interpreter
+is on, ``TRITON_INTERPRET=1``, which is how the CPU test suite runs the Triton branch of the op);
+float32 CPU tensors take the C kernel where it measured faster; everything else ``torch.bmm``.
 
 Registered with each op: a fake implementation (shapes only, for ``torch.compile`` and
 ``FakeTensorMode``), the autograd formula (forward op only), a vmap rule and a FLOP formula, so
@@ -30,6 +38,7 @@ forward is ``P1 + P2``; the backward ``P2`` (``dw1``) ``+ P2`` (gradient of ``z`
 """
 
 import os
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -157,24 +166,37 @@ def _fused_for(
 
 
 def _fused_kernel(x: Tensor, w0: Tensor, w1: Tensor) -> cpu_jit.BTT2Kernel:
-    kernel = cpu_jit.kernel_for(x, w0, w1, in_op=True)
+    kernel = cpu_jit.kernel_for_shapes(
+        "cpu", x.dtype, x.shape[1], tuple(w0.shape), tuple(w1.shape), None
+    )
     if kernel is None:  # the caller's _use_fused said yes: only a changed environment gets here
         raise RuntimeError("structlin::btt2: fused=True but the CPU kernel is not available")
     return kernel
 
 
 def _forward_impl(
-    x: Tensor, w0: Tensor, w1: Tensor, bias: Tensor | None, fused: bool
+    x: Tensor, w0: Tensor, w1: Tensor, bias: Tensor | None, fused: bool, triton: bool = False
 ) -> tuple[Tensor, Tensor]:
+    if triton:
+        return _triton_module().btt2_triton_forward(x, w0, w1, bias), x.new_empty(0)
     if fused:
         return _fused_kernel(x, w0, w1).forward(x.contiguous(), w0, w1, bias)
     return _torch_forward(x, w0, w1, bias)
 
 
 def _backward_impl(
-    x: Tensor, w0: Tensor, w1: Tensor, z: Tensor, grad: Tensor, fused: bool, need: tuple
+    x: Tensor,
+    w0: Tensor,
+    w1: Tensor,
+    z: Tensor,
+    grad: Tensor,
+    fused: bool,
+    need: tuple,
+    triton: bool = False,
 ) -> list[Tensor | None]:
     grad = grad.to(x.dtype)
+    if triton:  # z is empty: the Triton backward recomputes the intermediate
+        return list(_triton_module().btt2_triton_backward(grad, x, w0, w1, need))
     if fused:
         kernel = _fused_kernel(x, w0, w1)
         outs = kernel.backward(x.contiguous(), w0, w1, z, grad.contiguous(), need[0], need[3])
@@ -184,18 +206,20 @@ def _backward_impl(
 
 @torch.library.custom_op("structlin::btt2", mutates_args=())
 def _btt2_op(
-    x: Tensor, w0: Tensor, w1: Tensor, bias: Tensor | None, fused: bool
+    x: Tensor, w0: Tensor, w1: Tensor, bias: Tensor | None, fused: bool, triton: bool = False
 ) -> tuple[Tensor, Tensor]:
-    return _forward_impl(x, w0, w1, bias, fused)
+    return _forward_impl(x, w0, w1, bias, fused, triton)
 
 
 @_btt2_op.register_fake
 def _btt2_fake(
-    x: Tensor, w0: Tensor, w1: Tensor, bias: Tensor | None, fused: bool
+    x: Tensor, w0: Tensor, w1: Tensor, bias: Tensor | None, fused: bool, triton: bool = False
 ) -> tuple[Tensor, Tensor]:
     m1, _, n0, n1, r = _sizes(w0, w1)
     batch = x.shape[0]
     y = x.new_empty(batch, n0 * n1)
+    if triton:
+        return y, x.new_empty(0)
     z = x.new_empty(batch, m1, n0 * r) if fused else x.new_empty(n0, r * m1, batch)
     return y, z
 
@@ -212,9 +236,10 @@ def _btt2_backward_op(
     need_dw0: bool,
     need_dw1: bool,
     need_db: bool,
+    triton: bool = False,
 ) -> _Grads:
     need = (need_dx, need_dw0, need_dw1, need_db)
-    outs = _backward_impl(x, w0, w1, z, grad, fused, need)
+    outs = _backward_impl(x, w0, w1, z, grad, fused, need, triton)
     empty = x.new_empty(0)
     return tuple(o if o is not None else empty.clone() for o in outs)  # type: ignore[return-value]
 
@@ -231,6 +256,7 @@ def _btt2_backward_fake(
     need_dw0: bool,
     need_dw1: bool,
     need_db: bool,
+    triton: bool = False,
 ) -> _Grads:
     shapes = (x.shape, w0.shape, w1.shape, grad.shape[1:])
     need = (need_dx, need_dw0, need_dw1, need_db)
@@ -241,9 +267,10 @@ def _btt2_backward_fake(
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, w0, w1, _, fused = inputs
+    x, w0, w1, _, fused, *triton = inputs
     ctx.save_for_backward(x, w0, w1, output[1])
     ctx.fused = fused
+    ctx.triton = bool(triton and triton[0])
 
 
 def _backward(ctx: Any, grad: Tensor, _grad_z: Tensor | None, direct: bool = False) -> tuple:
@@ -256,11 +283,11 @@ def _backward(ctx: Any, grad: Tensor, _grad_z: Tensor | None, direct: bool = Fal
         _, _, n0, _, r = _sizes(w0, w1)
         grads = _torch_backward(x, w0, w1, stage1(x, w0, n0, r), grad, need)
     elif direct:
-        grads = _backward_impl(x, w0, w1, z, grad, ctx.fused, need)
+        grads = _backward_impl(x, w0, w1, z, grad, ctx.fused, need, ctx.triton)
     else:
-        outs = _btt2_backward_op(x, w0, w1, z, grad, ctx.fused, *need)
+        outs = _btt2_backward_op(x, w0, w1, z, grad, ctx.fused, *need, ctx.triton)
         grads = [o if n else None for o, n in zip(outs, need, strict=True)]
-    return (*grads, None)
+    return (*grads, None, None)
 
 
 _btt2_op.register_autograd(_backward, setup_context=_setup_context)
@@ -276,8 +303,10 @@ class _BTT2Function(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, w0: Tensor, w1: Tensor, bias: Tensor | None, fused: bool) -> tuple:
-        return _btt2_op(x, w0, w1, bias, fused)
+    def forward(
+        x: Tensor, w0: Tensor, w1: Tensor, bias: Tensor | None, fused: bool, triton: bool
+    ) -> tuple:
+        return _btt2_op(x, w0, w1, bias, fused, triton)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -298,10 +327,13 @@ class _EagerBTT2(torch.autograd.Function):
     the implementation directly computes exactly what the op would."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w0: Tensor, w1: Tensor, bias: Tensor | None, fused: bool):
-        y, z = _forward_impl(x, w0, w1, bias, fused)
+    def forward(
+        ctx: Any, x: Tensor, w0: Tensor, w1: Tensor, bias: Tensor | None, fused: bool, triton: bool
+    ):
+        y, z = _forward_impl(x, w0, w1, bias, fused, triton)
         ctx.save_for_backward(x, w0, w1, z)
         ctx.fused = fused
+        ctx.triton = triton
         return y
 
     @staticmethod
@@ -352,7 +384,9 @@ def _btt2_vmap(info: Any, in_dims: tuple, x: Tensor, w0: Tensor, w1: Tensor, *re
     vb, rows = xb.shape[:2]
     y, z = _btt2_op(xb.reshape(vb * rows, xb.shape[2]), w0, w1, *rest)
     y = y.view(vb, rows, y.shape[1])
-    if rest[-1]:  # fused: z is (N, m1, n0*r)
+    if len(rest) > 2 and rest[2]:  # triton: z is empty, (0,) per vmapped index
+        return (y, z.new_empty(vb, 0)), (0, 0)
+    if rest[1]:  # fused: z is (N, m1, n0*r)
         return (y, z.view(vb, rows, *z.shape[1:])), (0, 0)
     return (y, z.view(z.shape[0], z.shape[1], vb, rows)), (0, 2)
 
@@ -383,7 +417,7 @@ def _backward_flops(
     *need: Any,
     **kwargs: Any,
 ) -> int:
-    need_dx, need_dw0, need_dw1, _ = need
+    need_dx, need_dw0, need_dw1 = need[:3]
     p1, p2 = btt2_macs(x_shape[0], w0_shape, w1_shape)
     macs = p2 * need_dw1 + (p2 if need_dx or need_dw0 else 0) + p1 * need_dw0 + p1 * need_dx
     return 2 * macs
@@ -404,15 +438,32 @@ _register_flop_formulas()
 # ---------------------------------------------------------------- entry point
 
 
-def _triton_btt2(x: Tensor) -> Any:
-    """The fused Triton kernel for CUDA tensors when it is installed and usable, else None."""
-    if x.device.type != "cuda":
-        return None
+def _triton_module() -> ModuleType:
+    from . import triton_btt  # imports nothing from triton until a kernel is launched
+
+    return triton_btt
+
+
+def _triton_btt2(x: Tensor) -> ModuleType | None:
+    """The Triton module when it computes ``x``'s product, else None (see :func:`_triton_for`)."""
+    return _triton_module() if _triton_for(x.device.type) else None
+
+
+@torch.compiler.assume_constant_result
+def _triton_for(device_type: str) -> bool:
+    """Whether Triton runs the op for tensors on ``device_type``: CUDA when triton is installed
+    and ``STRUCTLIN_TRITON`` is not ``0``; the CPU only with ``STRUCTLIN_TRITON=force`` and
+    Triton's interpreter on. Read once per device type, like the CPU kernel's decision."""
+    setting = os.environ.get("STRUCTLIN_TRITON", "1").strip().lower()
+    if setting in ("0", "false", "off") or device_type not in ("cuda", "cpu"):
+        return False
+    if device_type == "cpu" and setting != "force":
+        return False
     try:
         from . import triton_btt
-    except ImportError:  # triton (an optional extra) or its module is missing
-        return None
-    return triton_btt.btt2_triton if triton_btt.triton_available(x.device) else None
+    except ImportError:  # its module is missing from a trimmed install
+        return False
+    return triton_btt.triton_available(device_type)
 
 
 def btt2(x: Tensor, w0: Tensor, w1: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -420,14 +471,11 @@ def btt2(x: Tensor, w0: Tensor, w1: Tensor, bias: Tensor | None = None) -> Tenso
 
     ``w0``: ``(m1, n0*r, m0)``; ``w1``: ``(n0, n1, r*m1)``; ``bias``: ``(n0*n1,)`` or None, all of
     one dtype. Float32 on the CPU runs the fused C kernel where it is faster; CUDA tensors run the
-    Triton kernels of ``structlin.kernels.triton_btt`` when triton is installed (an
-    ``autograd.Function``, so ``torch.func`` transforms on CUDA need ``STRUCTLIN_TRITON=0``);
-    everything else runs batch-last ``torch.bmm`` calls.
+    Triton kernels of ``structlin.kernels.triton_btt`` inside the op when triton is installed
+    (``STRUCTLIN_TRITON=0`` turns them off); everything else runs batch-last ``torch.bmm`` calls.
     """
-    triton = _triton_btt2(x) if os.environ.get("STRUCTLIN_TRITON", "1") != "0" else None
-    if triton is not None:
-        return triton(x, w0, w1, bias)
-    fused = _use_fused(x, w0, w1, bias)
+    triton = _triton_for(x.device.type) and x.dim() == 2
+    fused = not triton and _use_fused(x, w0, w1, bias)
     if _observed(x, w0, w1, bias):
-        return _BTT2Function.apply(x, w0, w1, bias, fused)[0]
-    return _EagerBTT2.apply(x, w0, w1, bias, fused)
+        return _BTT2Function.apply(x, w0, w1, bias, fused, triton)[0]
+    return _EagerBTT2.apply(x, w0, w1, bias, fused, triton)

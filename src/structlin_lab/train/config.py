@@ -103,6 +103,8 @@ class TrainConfig:
     compile: bool = False
     # torch.compile mode when compile is on; "reduce-overhead" replays CUDA graphs (CUDA only)
     compile_mode: str = "default"
+    # under torchrun: "ddp" replicates the model, "fsdp" shards it (FSDP2; .distributed)
+    distributed: str = "ddp"
     tensorboard: bool = False
     progress: bool = True
 
@@ -235,6 +237,11 @@ def _validate(c: Config) -> None:
             f"train.eval_every must be a positive step count, got {c.train.eval_every}"
         )
     check_compile_mode(c.train, c.train.device)
+    if c.train.distributed not in DISTRIBUTED_MODES:
+        raise ValueError(
+            f"train.distributed must be one of {', '.join(DISTRIBUTED_MODES)}; got "
+            f"{c.train.distributed!r}{suggest(c.train.distributed, DISTRIBUTED_MODES)}"
+        )
     if c.train.ckpt_every < 0:
         raise ValueError(
             f"train.ckpt_every must be a step count, or 0 for no checkpoints; got "
@@ -242,6 +249,8 @@ def _validate(c: Config) -> None:
         )
 
 
+#: ``train.distributed`` values (:mod:`.distributed`).
+DISTRIBUTED_MODES = ("ddp", "fsdp")
 #: ``train.compile_mode`` values: ``torch.compile``'s modes.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: Modes that capture CUDA graphs, so they need a CUDA device.

@@ -16,7 +16,9 @@ Distributed data parallel: launch the same command under ``torchrun --nproc-per-
 image classification each process trains on its shard of every global batch (``data.batch_size``
 is the global batch and must divide by N); for language modelling each process draws its own
 ``data.batch_size`` windows. Gradients are averaged by DDP, and only rank 0 logs, writes metrics
-and checkpoints (the checkpoint carries every rank's data position).
+and checkpoints (the checkpoint carries every rank's data position). With
+``train.distributed: fsdp`` the model is sharded with FSDP2 instead of replicated, and model and
+optimizer are checkpointed through ``torch.distributed.checkpoint`` (:mod:`.distributed`).
 
 Compute is reported as training MACs so far: ``3 x forward MACs per example x examples seen``
 (forward plus the two backward products; MACs counted by ``FlopCounterMode`` on one example,
@@ -43,6 +45,7 @@ from structlin.io import atomic_write_text
 from .build import build_model, build_optimizer, forward_macs, seed_everything
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import Config, check_compile_mode, config_hash
+from .distributed import gathered, load_sharded, save_sharded, shard_model, wrap_ddp
 from .monitor import factor_rms_stats
 from .schedule import lr_factor
 from .tasks import BatchResult, build_task
@@ -111,6 +114,9 @@ class Trainer:
         seed_everything(config.train.seed)
         self.task = build_task(config, self.device, self.rank, self.world_size)
         self.model, self.base = build_model(config, self.task.shapes, self.device)
+        self.sharded = self.world_size > 1 and config.train.distributed == "fsdp"
+        if self.sharded:  # before the optimizer, which must hold the sharded parameters
+            shard_model(self.model)
         self.optimizer = build_optimizer(config, self.model, self.base)
         self.total_steps = self._total_steps()
         o = config.optim
@@ -118,11 +124,8 @@ class Trainer:
             self.optimizer, lr_factor(o.schedule, self.total_steps, o.warmup_steps, o.min_lr_ratio)
         )
         self.forward = self.model
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward = DistributedDataParallel(self.model, device_ids=ids)
+        if self.world_size > 1 and not self.sharded:
+            self.forward = wrap_ddp(self.model, self.device)
         if config.train.compile:
             check_compile_mode(config.train, str(self.device))
             self.forward = torch.compile(self.forward, mode=config.train.compile_mode)
@@ -198,14 +201,15 @@ class Trainer:
             "samples": self.samples,
             "wall_time": self.wall_time,
             "running": dict(self._running),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": capture_rng(),
             "config": self.cfg.to_dict(),
             "config_hash": config_hash(self.cfg),
         }
         state["data"] = self._gather(self.task.state_dict())  # one entry per rank
+        if not self.sharded:  # sharded runs save these with save_sharded (every rank)
+            state["model"] = self.model.state_dict()
+            state["optimizer"] = self.optimizer.state_dict()
         return state
 
     def _gather(self, obj: Any) -> list[Any]:
@@ -228,6 +232,8 @@ class Trainer:
 
     def save(self) -> Path:
         """Write the checkpoint (collective under DDP: every rank must call it)."""
+        if self.sharded:
+            save_sharded(self.ckpt_path.parent / "dcp", self.model, self.optimizer)
         state = self._state()
         if self.is_main:
             save_checkpoint(self.ckpt_path, state)
@@ -241,8 +247,11 @@ class Trainer:
             raise ValueError(
                 f"cannot resume {self.out}: the checkpoint was written with a different config"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            load_sharded(self.ckpt_path.parent / "dcp", self.model, self.optimizer)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
         if len(state["data"]) != self.world_size:
@@ -389,6 +398,8 @@ class Trainer:
             [self._running["loss"], self._running["acc"], float(self._running["n"])]
         )
         r = {"loss": loss_sum, "acc": acc_sum, "n": count}
+        with gathered(self.model) if self.sharded else nullcontext():  # factors are sharded
+            rms = factor_rms_stats(self.model)
         row = {
             "step": self.step,
             "epoch": self.step / max(1, self.task.steps_per_epoch),
@@ -402,7 +413,7 @@ class Trainer:
             "forward_macs_per_example": self.macs_per_example,
             "params": self.num_params,
             "train_macs": 3 * self.macs_per_example * self.samples,
-            **factor_rms_stats(self.model),
+            **rms,
             "status": "running" if self.step < self.total_steps else "finished",
         }
         self._running = {"loss": 0.0, "acc": 0.0, "n": 0}
