@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from structlin import clear_aux, collect_aux
 from structlin.io import atomic_write_text
 
 from .build import build_model, build_optimizer, forward_macs, seed_everything
@@ -136,6 +137,7 @@ class Trainer:
         self.wall_time = 0.0  # seconds in the training loop, summed over resumes
         self._running = {"loss": 0.0, "acc": 0.0, "n": 0}
         self._stop_signal: int | None = None
+        self._last_aux = None  # the aux losses and stats of the latest step, logged at eval
 
     # ------------------------------------------------------------------ set-up
     def _check_run_dir(self, overwrite: bool) -> None:
@@ -191,6 +193,7 @@ class Trainer:
         try:
             loss, acc = self.task.evaluate(self._predict)
         finally:
+            clear_aux(self.model)  # evaluation forwards record aux losses no step will use
             self.model.train()
         return {"test_loss": loss, "test_acc": acc}
 
@@ -341,14 +344,18 @@ class Trainer:
     def _train_step(self, batch: Any) -> BatchResult:
         """Forward, backward and one optimizer and scheduler step on ``batch``."""
         result = self.task.loss_and_accuracy(self._predict, batch)
-        self._check_finite(result.loss)
+        # Auxiliary losses any module recorded in this forward (e.g. a mixture's load balancing).
+        aux = collect_aux(self.model)
+        loss = result.loss if aux.loss is None else result.loss + aux.loss
+        self._check_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        loss.backward()
         if self.cfg.optim.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
+        self._last_aux = aux
         return result
 
     def _check_finite(self, loss: torch.Tensor) -> None:
@@ -414,6 +421,7 @@ class Trainer:
             "params": self.num_params,
             "train_macs": 3 * self.macs_per_example * self.samples,
             **rms,
+            **(self._last_aux.metrics() if self._last_aux is not None else {}),
             "status": "running" if self.step < self.total_steps else "finished",
         }
         self._running = {"loss": 0.0, "acc": 0.0, "n": 0}

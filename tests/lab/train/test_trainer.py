@@ -209,3 +209,45 @@ def test_checkpoint_holds_only_tensors_and_plain_values(fake_cifar, tmp_path, ti
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 4 and isinstance(state["rng"]["numpy"]["key"], torch.Tensor)
     assert state["config"]["structure"]["spec"] == "btt"
+
+
+def test_moe_language_model_adds_and_logs_its_auxiliary_losses(tmp_path):
+    """A GPT-2 with mixture-of-experts FFNs: the trainer adds the collected aux loss to the task
+    loss and logs it with the experts' utilisation at every evaluation."""
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    c = load_config(
+        None,
+        [
+            "task=lm",
+            "model.name=gpt2",
+            "model.width=32",
+            "model.base_width=16",
+            "model.depth=1",
+            "model.kwargs={d_head: 8, mlp: moe, n_experts: 4, top_k: 2}",
+            f"data.source={text}",
+            f"data.root={tmp_path / 'cache'}",
+            "data.tokenizer=char",
+            "data.block_size=16",
+            "data.batch_size=8",
+            "data.eval_batches=2",
+            "train.steps=20",
+            "train.eval_every=10",
+            "train.progress=false",
+            "optim.name=adamw",
+            "optim.lr=1e-2",
+        ],
+    )
+    trainer = Trainer(c, tmp_path / "moe", log=None)
+    trainer.fit()
+    r = rows(tmp_path / "moe")
+    assert len(r) == 2
+    for row in r:
+        assert row["aux_loss"] > 0 and np.isfinite(row["aux_loss"])
+        fractions = row["expert_fraction"]
+        assert len(fractions) == 4 and abs(sum(fractions) - 1) < 1e-5
+        assert 0 < row["expert_entropy"] <= np.log(4) + 1e-6
+    # evaluation leaves no record behind that the next step would add to its loss
+    from structlin import collect_aux
+
+    assert collect_aux(trainer.model).loss is None
