@@ -343,6 +343,7 @@ def param_groups(
         Groups ``{"params", "lr", "lr_mult", "weight_decay", "names"}``, one per distinct
         ``(lr_mult, weight_decay)``.
     """
+    _check_lr(lr)
     infos = param_info(
         model,
         base=base,
@@ -370,6 +371,36 @@ def param_groups(
     return list(groups.values())
 
 
+@torch.no_grad()
+def _held_std(p: torch.Tensor) -> str:
+    """The std a tensor holds, formatted like ``init_std`` ("" on the meta device)."""
+    if p.is_meta or p.numel() < 2:
+        return ""
+    return f"{p.detach().double().std().item():.4g}"
+
+
+def _check_lr(lr: float) -> None:
+    """A negative or non-finite LR is an error (the optimizer would train uphill or diverge);
+    ``lr=0`` only warns: it is a legitimate way to build an optimizer that changes nothing (a
+    coordinate check at step 0, an evaluation-only run), but a training run with it learns
+    nothing, which a user should hear about."""
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):
+        raise ValueError(f"param_groups: lr must be a number, got {lr!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"param_groups: lr must be a finite positive number (the learning rate at the base "
+            f"width), got lr={lr!r}; e.g. lr=1e-3"
+        )
+    if value == 0:
+        warnings.warn(
+            "param_groups: lr=0, so the optimizer will not change any parameter; pass a positive "
+            "learning rate (e.g. lr=1e-3) to train",
+            stacklevel=3,
+        )
+
+
 def describe(
     model: nn.Module,
     *,
@@ -380,8 +411,13 @@ def describe(
     multipliers: Mapping[str, float] | None = None,
     file=None,
 ) -> str:
-    """Print (and return) one line per parameter: role, fan-in, fan-out, μP init std, LR
-    multiplier, weight decay."""
+    """Print (and return) one line per parameter: role, fan-in, fan-out, the spectral μP init
+    std ``sqrt(min(fan_in, fan_out)) / fan_in`` (``init_std``), the std the tensor holds now
+    (``std``), LR multiplier, weight decay.
+
+    ``std`` is measured, so it shows a layer that kept another init: an ``nn.Linear`` left with
+    PyTorch's default holds ``1 / sqrt(3 fan_in)``, not ``init_std``. It is empty for vectors,
+    scalars and tensors on the meta device."""
     infos = param_info(
         model,
         base=base,
@@ -390,17 +426,19 @@ def describe(
         lr_rule=lr_rule,
         multipliers=multipliers,
     )
+    params = dict(_unwrap(model).named_parameters())
     width = max([len(i.name) for i in infos] + [9])
     lines = [
         f"{'parameter':<{width}}  {'role':<8}{'fan_in':>8}{'fan_out':>9}{'init_std':>10}"
-        f"{'lr_mult':>10}{'wd':>8}"
+        f"{'std':>10}{'lr_mult':>10}{'wd':>8}"
     ]
     for i in infos:
         fi = "" if i.fan_in is None else str(i.fan_in)
         fo = "" if i.fan_out is None else str(i.fan_out)
         std = "" if i.init_std is None else f"{i.init_std:.4g}"
+        held = _held_std(params[i.name]) if i.init_std is not None else ""
         lines.append(
-            f"{i.name:<{width}}  {i.role:<8}{fi:>8}{fo:>9}{std:>10}{i.lr_mult:>10.4g}"
+            f"{i.name:<{width}}  {i.role:<8}{fi:>8}{fo:>9}{std:>10}{held:>10}{i.lr_mult:>10.4g}"
             f"{i.weight_decay:>8.3g}"
         )
     text = "\n".join(lines)

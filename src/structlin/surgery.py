@@ -6,7 +6,9 @@ returns a report. Module selection (:mod:`structlin.targets`, a pure function of
 names) follows peft's conventions:
 
 * ``target_modules="all-linear"``: every linear layer but the output head
-  (``get_output_embeddings()`` when the model has it, else the last linear layer in module order);
+  (``get_output_embeddings()`` when the model has it, else the last linear layer named like a
+  head, :data:`HEAD_NAMES`, else the last linear layer in module order; a warning names the
+  layer kept when the model has no ``get_output_embeddings``);
 * a list of names: a module matches when its full name equals an entry or ends with ``"." + entry``;
 * any other string: a regular expression that must match the full module name
   (``re.fullmatch``).
@@ -26,13 +28,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import StructuredLinear, get_structure, make_linear, parse_spec, structure_options
+from .layers import (
+    StructuredLinear,
+    get_structure,
+    list_structures,
+    make_linear,
+    parse_spec,
+    structure_options,
+)
 from .linear_like import is_conv1d, is_linear_like, linear_dims
 from .options import check_options
 from .structure_config import ORIGIN_ATTR, StructureConfig, entry_for, structure_config
 from .targets import ALL_LINEAR, HEAD, REPLACE, Pattern, TargetSelection, select_targets
 
-__all__ = ["SurgeryReport", "SurgeryRow", "structurize"]
+__all__ = ["COMMON_OPTIONS", "HEAD_NAMES", "SurgeryReport", "SurgeryRow", "structurize"]
+
+#: Options every structure takes; an override keeps those given to ``structurize`` for all layers.
+COMMON_OPTIONS = ("norm", "learn_gamma")
 
 
 @dataclass
@@ -53,6 +65,8 @@ class SurgeryRow:
     #: ``omega=… psi=… nu=…`` of an Einsum-family layer (Potapczynski et al., NeurIPS 2024);
     #: "" for every other structure.
     taxonomy: str = ""
+    #: Zero-padding of the new layer, e.g. ``"in 64->70, out 64->70"``; "" when it pads nothing.
+    padding: str = ""
 
     @property
     def changed(self) -> bool:
@@ -97,8 +111,9 @@ class SurgeryReport(list):
 
     def __str__(self) -> str:
         show = any(r.taxonomy for r in self)  # the column only where an einsum layer is
+        pad = any(r.padding for r in self)  # the column only where a layer zero-pads
         header = ("module", "old", "new", "params", "params'", "MACs", "MACs'", "rel. error")
-        header += ("taxonomy",) * show + ("status",)
+        header += ("taxonomy",) * show + ("padding",) * pad + ("status",)
         body = [
             (
                 r.name,
@@ -110,6 +125,7 @@ class SurgeryReport(list):
                 f"{r.macs_after:,}",
                 "" if r.error is None else f"{r.error:.2e}",
                 *((r.taxonomy,) * show),
+                *((r.padding,) * pad),
                 r.status,
             )
             for r in self
@@ -131,7 +147,14 @@ class SurgeryReport(list):
     __repr__ = __str__
 
 
-def _output_head(model: nn.Module, names: list[str]) -> str | None:
+#: Module names (the last component) that the output head of a model usually has.
+HEAD_NAMES = ("lm_head", "head", "classifier", "fc_out", "output", "readout", "logits")
+
+
+def _output_head(model: nn.Module, names: list[str]) -> tuple[str | None, str]:
+    """The output head's name under ``"all-linear"``, and how it was found: the module
+    ``get_output_embeddings()`` returns; else the last linear layer whose name ends in one of
+    :data:`HEAD_NAMES`; else the last linear layer in module order."""
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
         try:
@@ -141,11 +164,27 @@ def _output_head(model: nn.Module, names: list[str]) -> str | None:
         if head is not None:
             for n, m in model.named_modules():
                 if m is head:
-                    return n
-    return names[-1] if names else None
+                    return n, "get_output_embeddings"
+    named = [n for n in names if n.rpartition(".")[2] in HEAD_NAMES]
+    if named:
+        return named[-1], f"its name (one of {HEAD_NAMES})"
+    return (names[-1], "the last linear layer in module order") if names else (None, "")
 
 
-def _refusal(module: nn.Module, parent: nn.Module, shared: set[int]) -> str | None:
+def _warn_head(model: nn.Module, head: str | None, how: str) -> None:
+    if head is None or how == "get_output_embeddings":
+        return
+    warnings.warn(
+        f"structurize: target_modules='all-linear' keeps {head!r} dense as the output head, "
+        f"chosen by {how}, because {type(model).__name__} has no get_output_embeddings(). To "
+        f"structure it too, add overrides={{{head!r}: <spec>}}; to keep another layer dense "
+        f"instead, pass target_modules=[...] naming the layers to structure, or "
+        f"exclude_modules=[...]",
+        stacklevel=3,
+    )
+
+
+def _refusal(module: nn.Module, parent: nn.Module, shared: dict[int, list[str]]) -> str | None:
     if isinstance(parent, nn.MultiheadAttention):
         return "refused: nn.MultiheadAttention reads its out_proj weight directly"
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
@@ -158,16 +197,20 @@ def _refusal(module: nn.Module, parent: nn.Module, shared: set[int]) -> str | No
     if torch.nn.utils.parametrize.is_parametrized(module):
         return "refused: the weight is parametrized (torch.nn.utils.parametrize)"
     if id(module.weight) in shared:
-        return "refused: the weight is shared with another module (tied weights)"
+        return (
+            f"refused: the weight is shared (tied) by {shared[id(module.weight)]}; untie it "
+            f"first: build the model with tie_word_embeddings=False in its config, or give this "
+            f"layer its own copy (layer.weight = nn.Parameter(layer.weight.detach().clone()))"
+        )
     return None
 
 
-def _shared_weights(model: nn.Module) -> set[int]:
-    """Ids of the parameters registered under more than one name (tied weights)."""
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    return {k for k, c in counts.items() if c > 1}
+def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    """``{id: names}`` of the parameters registered under more than one name (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {k: v for k, v in names.items() if len(v) > 1}
 
 
 def _describe_old(module: nn.Module) -> str:
@@ -176,14 +219,18 @@ def _describe_old(module: nn.Module) -> str:
 
 
 def _resolve_spec(structure: Any, options: dict[str, Any], override: Any) -> tuple[Any, dict]:
+    """The structure and options of a layer an override names. A spec string or class replaces
+    the structure and its options, but keeps the common options (``norm``, ``learn_gamma``) given
+    for every layer unless it sets them itself; a dict adds to the options."""
     opts = dict(options)
     if override is None:
         return structure, opts
+    common = {k: v for k, v in options.items() if k in COMMON_OPTIONS}
     if isinstance(override, str):
         name, spec_opts = parse_spec(override)
-        return get_structure(name), spec_opts  # an override spec replaces the defaults
+        return get_structure(name), {**common, **spec_opts}
     if isinstance(override, type):
-        return override, {}
+        return override, common
     if isinstance(override, Mapping):
         override = dict(override)
         new_structure = override.pop("structure", structure)
@@ -201,6 +248,12 @@ def _resolve_structure(
         name, spec_opts = parse_spec(structure)
         structure = get_structure(name)
         options = {**spec_opts, **options}
+    elif not (isinstance(structure, type) and issubclass(structure, StructuredLinear)):
+        raise ValueError(
+            f"structurize: structure must be a structure name, a spec string such as "
+            f"'btt:rank=4' or a StructuredLinear subclass, got {structure!r}; the names are "
+            f"{list_structures()}"
+        )
     _check_options(structure, options)
     for key, value in overrides.items():
         spec, opts = _resolve_spec(structure, options, value)
@@ -247,22 +300,39 @@ def structurize(
     overrides = dict(overrides or {})
     structure, options = _resolve_structure(structure, options, overrides)
     modules = dict(model.named_modules())
-    names = [n for n, m in modules.items() if is_linear_like(m) and n]
-    if not names:
-        raise ValueError(
-            f"structurize: {type(model).__name__} has no nn.Linear (or Conv1D) layer to replace"
-        )
+    names = _linear_names(model, modules)
     dense_names = [n for n in names if not isinstance(modules[n], StructuredLinear)]
     all_linear = isinstance(target_modules, str) and target_modules == ALL_LINEAR
-    head = _output_head(model, names) if all_linear else None
+    head, how = _output_head(model, names) if all_linear else (None, "")
     selection = select_targets(names, head, target_modules, exclude_modules, overrides)
+    if head is not None and selection.actions[head] == HEAD:
+        _warn_head(model, head, how)
     plan = _plan(model, selection, structure, options, overrides, dry_run)
     if not dry_run:
         _replace(model, plan, init)
     report = SurgeryReport(step.row for step in plan)
     _warn_and_check(selection, report, dense_names)
+    _warn_restructure(plan, selection)
     report.config = _config_after(model, plan, init, dry_run)
     return report
+
+
+def _linear_names(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    """The names of the model's linear(-like) submodules; an error if there is none."""
+    names = [n for n, m in modules.items() if is_linear_like(m) and n]
+    if names:
+        return names
+    if is_linear_like(model):
+        d_in, d_out = linear_dims(model)
+        raise ValueError(
+            f"structurize: the model is itself a bare {type(model).__name__}({d_in}, {d_out}), "
+            f"which cannot be replaced in place (there is no parent to put the new layer in); "
+            f"build the structured layer from it instead: "
+            f"layer = make_linear('btt', {d_in}, {d_out}).from_linear(linear)"
+        )
+    raise ValueError(
+        f"structurize: {type(model).__name__} has no nn.Linear (or Conv1D) layer to replace"
+    )
 
 
 @dataclass
@@ -275,6 +345,7 @@ class _Step:
     spec: Any = None
     opts: dict[str, Any] | None = None
     probe: StructuredLinear | None = None  # the new layer on the meta device
+    asked: str | None = None  # for an already structured layer: the spec this call asked for
 
 
 def _plan(
@@ -292,17 +363,63 @@ def _plan(
     plan = []
     for decision in selection.decisions:
         name, module = decision.name, modules[decision.name]
+        override = None if decision.override is None else overrides[decision.override]
+        spec, opts = _resolve_spec(structure, options, override)
         if isinstance(module, StructuredLinear):
-            plan.append(_Step(_structured_row(name, module)))
+            asked = _asked_spec(module, spec, opts) if decision.action == REPLACE else None
+            plan.append(_Step(_structured_row(name, module), asked=asked))
         elif decision.action == HEAD:
             plan.append(_Step(_kept_row(name, module, "kept (head)")))
         elif decision.action == REPLACE:
             parent_name = name.rpartition(".")[0]
-            refusal = _refusal(module, modules[parent_name] if parent_name else model, shared)
-            override = None if decision.override is None else overrides[decision.override]
-            spec, opts = _resolve_spec(structure, options, override)
+            parent = modules[parent_name] if parent_name else model
+            if isinstance(parent, nn.MultiheadAttention):
+                plan.append(_Step(_in_proj_row(parent_name, parent)))
+            refusal = _refusal(module, parent, shared)
             plan.append(_plan_replacement(name, module, spec, opts, refusal, dry_run))
     return plan
+
+
+def _asked_spec(layer: StructuredLinear, spec: Any, opts: dict[str, Any]) -> str | None:
+    """The spec of the layer this surgery would build in place of ``layer`` (None if it
+    cannot be built, or has no spec)."""
+    try:
+        probe = make_linear(
+            spec,
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            device="meta",
+            **opts,
+        )
+        return probe.spec
+    except ValueError:
+        return None
+
+
+def _in_proj_row(name: str, mha: nn.MultiheadAttention) -> SurgeryRow:
+    """The refused row of ``nn.MultiheadAttention``'s packed q/k/v projection, a parameter
+    (``in_proj_weight``, ``(3 E, E)``) rather than a linear layer."""
+    e = mha.embed_dim
+    params = sum(
+        p.numel()
+        for p in (
+            mha.in_proj_weight,
+            mha.in_proj_bias,
+            getattr(mha, "q_proj_weight", None),
+            getattr(mha, "k_proj_weight", None),
+            getattr(mha, "v_proj_weight", None),
+        )
+        if p is not None
+    )
+    macs = e * (e + mha.kdim + mha.vdim)
+    status = (
+        "refused: nn.MultiheadAttention's packed q/k/v projection (in_proj_weight) is a "
+        "parameter, not a linear layer; to structure it, write the attention with separate "
+        "nn.Linear q/k/v projections"
+    )
+    old = f"MultiheadAttention.in_proj({e}, {e + mha.kdim + mha.vdim})"
+    return SurgeryRow(f"{name}.in_proj", old, "-", params, params, macs, macs, status)
 
 
 def _plan_replacement(
@@ -335,15 +452,30 @@ def _plan_replacement(
         probe.macs(),
         "dry-run" if dry_run else "replaced",
         taxonomy=_taxonomy_text(probe),
+        padding=_padding_text(probe),
     )
     return _Step(row, module, spec, opts, probe)
+
+
+def _padding_text(layer: StructuredLinear) -> str:
+    sides = [
+        f"{side} {size}->{padded}"
+        for side, size, padded in (
+            ("in", layer.in_features, layer.in_padded),
+            ("out", layer.out_features, layer.out_padded),
+        )
+        if padded != size
+    ]
+    return ", ".join(sides)
 
 
 def _structured_row(name: str, layer: StructuredLinear) -> SurgeryRow:
     params, macs = layer.num_params, layer.macs()
     s = layer.spec if layer.structure else type(layer).__name__
     taxonomy = _taxonomy_text(layer)
-    return SurgeryRow(name, s, s, params, params, macs, macs, "already structured", None, taxonomy)
+    row = SurgeryRow(name, s, s, params, params, macs, macs, "already structured", None, taxonomy)
+    row.padding = _padding_text(layer)
+    return row
 
 
 def _taxonomy_text(layer: nn.Module) -> str:
@@ -420,9 +552,35 @@ def _warn_and_check(
             stacklevel=3,
         )
     if not report.replaced and not any(r.status == "already structured" for r in report):
+        if report.refused:  # the real cause: every selected layer was refused
+            causes = dict.fromkeys(r.status.removeprefix("refused: ") for r in report.refused)
+            raise ValueError(
+                "structurize: every selected layer was refused, the model is unchanged:\n  "
+                + "\n  ".join(list(causes)[:5])
+            )
         raise ValueError(
             "structurize: no layer was selected, the model is unchanged; check target_modules / "
             f"exclude_modules. Linear layers in this model: {dense_names[:20]}"
+        )
+
+
+def _warn_restructure(plan: list[_Step], selection: TargetSelection) -> None:
+    """Warn about selected layers that an earlier surgery structured otherwise: they are kept."""
+    differ = [
+        f"{step.row.name!r} is {step.row.old!r}, asked for {step.asked!r}"
+        for step in plan
+        if step.asked is not None
+        and step.row.status == "already structured"
+        and step.asked != step.row.old
+    ]
+    if differ:
+        warnings.warn(
+            "structurize: these layers were already structured differently and were left as "
+            "they are:\n  " + "\n  ".join(differ) + "\nTo re-structure them, structurize the "
+            "dense model (build it again, or load its dense weights) rather than the structured "
+            "one, or replace each layer by hand: make_linear(<spec>, d_in, d_out).from_dense("
+            "layer.to_dense())",
+            stacklevel=3,
         )
 
 

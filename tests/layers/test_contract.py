@@ -251,10 +251,11 @@ def test_default_pad_tolerance_is_not_in_the_spec():
 @pytest.mark.parametrize(
     ("spec", "opts", "cores", "rank"),
     [
-        ("tt", {"cores": 3, "rank": 2}, 3, 2),
+        # 4 has no 3-factor split without a factor of 1: such a split must be asked for
+        ("tt", {"cores": 3, "rank": 2, "out_factors": (1, 2, 2)}, 3, 2),
         ("tt", {}, 2, 4),  # the default rank 16 is capped at the largest useful rank, 4
-        ("kron", {"cores": 3}, 3, 1),
-        ("btt", {"cores": 3, "rank": 2}, 3, 2),
+        ("kron", {"cores": 3, "out_factors": (1, 2, 2)}, 3, 1),
+        ("btt", {"cores": 3, "rank": 2, "out_factors": (1, 2, 2)}, 3, 2),
         ("monarch", {"blocks": 2}, 2, 1),  # h = 2 (rounded up to a multiple of b), r = h / b
         ("low_rank", {"rank": 3}, None, 3),
     ],

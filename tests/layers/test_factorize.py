@@ -24,9 +24,10 @@ def _all_factorisations(n: int, c: int):
 
 
 def _good(factors) -> bool:
-    """Balanced per the module docstring: largest factor <= 2 * ceil(d ** (1/c))."""
+    """Balanced per the module docstring: largest factor <= 2 * ceil(d ** (1/c)), and no factor
+    of 1 (a degenerate core)."""
     d, c = math.prod(factors), len(factors)
-    return max(factors) <= 2 * math.ceil(round(d ** (1 / c), 9))
+    return max(factors) <= 2 * math.ceil(round(d ** (1 / c), 9)) and min(factors) > 1
 
 
 @pytest.mark.parametrize(

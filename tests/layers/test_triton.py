@@ -114,7 +114,10 @@ def test_strided_input_is_read_in_place():
 @runs_here
 @pytest.mark.parametrize(
     "spec, d_in, d_out",
-    [("btt:rank=3,in_factors=4x6,out_factors=5x6", 22, 27), ("monarch:blocks=4", 14, 10)],
+    [
+        ("btt:rank=3,in_factors=4x6,out_factors=5x6", 22, 27),
+        ("monarch:blocks=4,pad_tolerance=0.25", 14, 10),
+    ],
 )
 def test_padded_layers_match_reference_forward(monkeypatch, spec, d_in, d_out):
     torch.manual_seed(0)

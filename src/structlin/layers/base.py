@@ -366,6 +366,14 @@ class StructuredLinear(nn.Module):
             f"got {tuple(x.shape)}"
         )
 
+    def _dtype_error(self, got: torch.dtype, want: torch.dtype) -> TypeError:
+        short = str(want).removeprefix("torch.")
+        return TypeError(
+            f"{self._name()}: the input is {got} but the layer's parameters are {want}; convert "
+            f"the input (x.to(torch.{short}), e.g. x.float()), build the layer with "
+            f"dtype={got}, or move it with layer.to({got})"
+        )
+
     def _name(self) -> str:
         cls = type(self).__name__
         return f"{cls}(in_features={self.in_features}, out_features={self.out_features})"
@@ -394,6 +402,8 @@ class StructuredLinear(nn.Module):
             dtype = torch.get_autocast_dtype(device)
             x, weights = x.to(dtype), [w.to(dtype) for w in weights]
             bias = bias.to(dtype) if bias is not None else None
+        elif x.dtype != weights[0].dtype:  # a cheap comparison; the kernels' own error is opaque
+            raise self._dtype_error(x.dtype, weights[0].dtype)
         lead = x.shape[:-1]
         flat = x.dim() != 2  # 2-D inputs skip the reshapes (and their autograd nodes)
         if flat:
@@ -437,6 +447,23 @@ class StructuredLinear(nn.Module):
         that the clamp does not shrink the fit (without learnable gains, ``learn_gamma=False``, a
         factor above its init RMS is shrunk). ``bias``, when given, is copied. Returns self.
         """
+        self._check_from_dense(weight, bias)
+        ref = self._forward_weights()[0]
+        w = weight.detach().to(device=ref.device, dtype=torch.float64)
+        w = F.pad(w, (0, self.in_padded - self.in_features, 0, self.out_padded - self.out_features))
+        self._from_dense_padded(w)
+        self._balance_scales()
+        if self.gammas is not None:
+            # Undo the clamp the forward would apply, so the normalised factors equal the fit.
+            for gamma, f in zip(self.gammas, self.factors(), strict=True):
+                rms = f.tensor.double().square().mean().add(_NORM_EPS).sqrt().item()
+                gamma.fill_(max(1.0, rms / mup_init_std(f.fan_in, f.fan_out)))
+        if bias is not None:
+            self.bias.copy_(bias)
+        return self
+
+    def _check_from_dense(self, weight: Any, bias: torch.Tensor | None) -> None:
+        """The errors of :meth:`from_dense`: shapes, a bias the layer lacks, non-finite values."""
         expected = (self.out_features, self.in_features)
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != expected:
             got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)
@@ -453,19 +480,14 @@ class StructuredLinear(nn.Module):
                     f"{self._name()}.from_dense: expected a bias of shape ({self.out_features},), "
                     f"got {tuple(bias.shape)}"
                 )
-        ref = self._forward_weights()[0]
-        w = weight.detach().to(device=ref.device, dtype=torch.float64)
-        w = F.pad(w, (0, self.in_padded - self.in_features, 0, self.out_padded - self.out_features))
-        self._from_dense_padded(w)
-        self._balance_scales()
-        if self.gammas is not None:
-            # Undo the clamp the forward would apply, so the normalised factors equal the fit.
-            for gamma, f in zip(self.gammas, self.factors(), strict=True):
-                rms = f.tensor.double().square().mean().add(_NORM_EPS).sqrt().item()
-                gamma.fill_(max(1.0, rms / mup_init_std(f.fan_in, f.fan_out)))
-        if bias is not None:
-            self.bias.copy_(bias)
-        return self
+        if not weight.is_meta and not bool(torch.isfinite(weight).all()):
+            bad = int((~torch.isfinite(weight)).sum())
+            raise ValueError(
+                f"{self._name()}.from_dense: the weight has {bad} non-finite value(s) (NaN or "
+                f"inf), which no projection can fit; find where they come from (a diverged run, "
+                f"an uninitialised tensor) or replace them first, e.g. "
+                f"torch.nan_to_num(weight, nan=0.0, posinf=0.0, neginf=0.0)"
+            )
 
     def from_linear(self, linear: nn.Linear) -> StructuredLinear:
         """Approximate an ``nn.Linear`` (weight and bias) with this layer's factors. Returns self.

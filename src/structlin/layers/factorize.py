@@ -82,6 +82,12 @@ def is_balanced(factors: tuple[int, ...], max_imbalance: float = DEFAULT_MAX_IMB
     return max(factors) <= max_imbalance * ideal
 
 
+def _usable(factors: tuple[int, ...], max_imbalance: float) -> bool:
+    """Balanced, and no factor is 1 (with two or more factors, a factor of 1 is a degenerate
+    core: ``btt:cores=10`` on 64 would otherwise split it as ``(1, 1, 1, 1, 2, ..., 2)``)."""
+    return is_balanced(factors, max_imbalance) and (len(factors) == 1 or min(factors) > 1)
+
+
 @dataclass(frozen=True)
 class FactorPlan:
     """How a width ``size`` is factorised: ``padded = prod(factors) >= size``."""
@@ -120,7 +126,9 @@ def plan_factors(
         what, owner: used in error messages ("in_features of BTTLinear").
 
     Returns:
-        A :class:`FactorPlan`. Factors are in ascending order unless given explicitly.
+        A :class:`FactorPlan`. Factors are in ascending order unless given explicitly. A
+        factorisation of its own never has a factor of 1 when ``c >= 2`` (a degenerate core);
+        explicit factors may, since the user asked for them.
     """
     if factors is not None:
         factors = tuple(int(f) for f in factors)
@@ -138,14 +146,41 @@ def plan_factors(
             )
         return FactorPlan(size, factors)
     exact = balanced_factors(size, c)
-    if is_balanced(exact, max_imbalance):
+    if _usable(exact, max_imbalance):
         return FactorPlan(size, exact)
     limit = math.floor(size * (1 + pad_tolerance))
     for padded in range(size + 1, limit + 1):
         cand = balanced_factors(padded, c)
-        if is_balanced(cand, max_imbalance):
+        if _usable(cand, max_imbalance):
             return FactorPlan(size, cand)
-    raise ValueError(
+    raise _no_plan_error(size, c, exact, limit, pad_tolerance, what, owner)
+
+
+def _no_plan_error(
+    size: int,
+    c: int,
+    exact: tuple[int, ...],
+    limit: int,
+    pad_tolerance: float,
+    what: str,
+    owner: str,
+) -> ValueError:
+    """Why ``size`` has no usable ``c``-factor plan, and what to pass instead."""
+    if c > 1 and limit < 2**c:  # every split of every size up to limit has a factor of 1
+        most = max(1, int(math.log2(limit)))
+        return ValueError(
+            f"{owner}: {what}={size} cannot be split into {c} factors without a factor of 1 (best "
+            f"split {exact}), even zero-padded by up to {pad_tolerance:.0%}: a factor of 1 makes "
+            f"a degenerate core that does nothing. "
+            + (
+                f"A width of {size} allows at most {most} factors >= 2: pass cores <= {most}, "
+                f"or explicit factors ({what.split('_')[0]}_factors=...) if you want this split."
+                if most >= 2
+                else f"A width of {size} is too narrow to factorise: keep this layer dense or "
+                f"use another structure (e.g. low_rank) for it."
+            )
+        )
+    return ValueError(
         f"{owner}: {what}={size} has no balanced factorisation into {c} factors (best exact split "
         f"is {exact}) and no size within {pad_tolerance:.0%} above it has one either. Pass "
         f"explicit "

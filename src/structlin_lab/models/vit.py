@@ -220,3 +220,8 @@ class ViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The readout (μP's zero-initialised head), as transformers models name it: surgery's
+        ``all-linear`` keeps it dense and ``mup.prepare`` finds it here."""
+        return self.head

@@ -84,8 +84,12 @@ def test_two_processes_match_one(fake_cifar, tmp_path):
     wa = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
     wb = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
     assert len(wb["data"]) == 2  # every rank's data position is kept
+    # Two processes sum gradients in another order. Adam divides by sqrt(v), so where a gradient
+    # entry is near zero that rounding becomes a visible update difference (5.5e-6 measured on the
+    # input layer, whose spectral init is ~1.8e-3 at this width); a wrong reduction would differ
+    # by whole updates (lr x 0.1 = 3e-4 per step there).
     for k, v in wa["model"].items():
-        assert torch.allclose(v, wb["model"][k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(v, wb["model"][k], rtol=1e-4, atol=2e-5), k
 
 
 def test_batch_that_does_not_divide_is_rejected_before_training(fake_cifar, tmp_path):
