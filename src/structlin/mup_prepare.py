@@ -34,7 +34,7 @@ from torch import nn
 
 from .layers import StructuredLinear, mup_init_std
 from .linear_like import is_conv1d, is_linear_like, linear_dims
-from .targets import REPLACE, Pattern, select_targets
+from .targets import REPLACE, Pattern, output_head, select_targets
 
 __all__ = ["RESIDUAL_OUTPUTS", "PrepareReport", "PrepareRow", "prepare"]
 
@@ -56,8 +56,6 @@ RESIDUAL_OUTPUTS = (
 
 #: Actions of a report row.
 INIT, ZEROED, KEPT, CANNOT, UNCHANGED = "μP init", "zeroed", "kept", "cannot change", "unchanged"
-
-_READOUT_NAMES = ("lm_head", "head", "classifier", "output", "fc_out")
 
 
 @dataclass(frozen=True)
@@ -201,19 +199,7 @@ def _find_readout(model: nn.Module, linear: list[str], readout: str | None) -> s
                 f"layers: {linear[:20]}{' ...' if len(linear) > 20 else ''}"
             )
         return readout
-    getter = getattr(model, "get_output_embeddings", None)
-    if callable(getter):
-        try:
-            head = getter()
-        except (NotImplementedError, AttributeError):
-            head = None
-        for name in linear:
-            if head is not None and model.get_submodule(name) is head:
-                return name
-    named = [n for n in linear if n.rpartition(".")[2] in _READOUT_NAMES]
-    if named:
-        return named[-1]
-    return linear[-1] if linear else None
+    return output_head(model, linear)[0]  # the same rule as surgery's head
 
 
 def _residual_names(linear: list[str], head: str | None, pattern: Pattern) -> list[str]:

@@ -7,8 +7,8 @@ names) follows peft's conventions:
 
 * ``target_modules="all-linear"``: every linear layer but the output head
   (``get_output_embeddings()`` when the model has it, else the last linear layer named like a
-  head, :data:`HEAD_NAMES`, else the last linear layer in module order; a warning names the
-  layer kept when the model has no ``get_output_embeddings``);
+  head, :data:`structlin.targets.HEAD_NAMES`, else the last linear layer in module order; a
+  warning names the layer kept when the model has no ``get_output_embeddings``);
 * a list of names: a module matches when its full name equals an entry or ends with ``"." + entry``;
 * any other string: a regular expression that must match the full module name
   (``re.fullmatch``).
@@ -39,9 +39,17 @@ from .layers import (
 from .linear_like import is_conv1d, is_linear_like, linear_dims
 from .options import check_options
 from .structure_config import ORIGIN_ATTR, StructureConfig, entry_for, structure_config
-from .targets import ALL_LINEAR, HEAD, REPLACE, Pattern, TargetSelection, select_targets
+from .targets import (
+    ALL_LINEAR,
+    HEAD,
+    REPLACE,
+    Pattern,
+    TargetSelection,
+    output_head,
+    select_targets,
+)
 
-__all__ = ["COMMON_OPTIONS", "HEAD_NAMES", "SurgeryReport", "SurgeryRow", "structurize"]
+__all__ = ["COMMON_OPTIONS", "SurgeryReport", "SurgeryRow", "structurize"]
 
 #: Options every structure takes; an override keeps those given to ``structurize`` for all layers.
 COMMON_OPTIONS = ("norm", "learn_gamma")
@@ -145,30 +153,6 @@ class SurgeryReport(list):
         return "\n".join(lines)
 
     __repr__ = __str__
-
-
-#: Module names (the last component) that the output head of a model usually has.
-HEAD_NAMES = ("lm_head", "head", "classifier", "fc_out", "output", "readout", "logits")
-
-
-def _output_head(model: nn.Module, names: list[str]) -> tuple[str | None, str]:
-    """The output head's name under ``"all-linear"``, and how it was found: the module
-    ``get_output_embeddings()`` returns; else the last linear layer whose name ends in one of
-    :data:`HEAD_NAMES`; else the last linear layer in module order."""
-    getter = getattr(model, "get_output_embeddings", None)
-    if callable(getter):
-        try:
-            head = getter()
-        except (NotImplementedError, AttributeError):
-            head = None
-        if head is not None:
-            for n, m in model.named_modules():
-                if m is head:
-                    return n, "get_output_embeddings"
-    named = [n for n in names if n.rpartition(".")[2] in HEAD_NAMES]
-    if named:
-        return named[-1], f"its name (one of {HEAD_NAMES})"
-    return (names[-1], "the last linear layer in module order") if names else (None, "")
 
 
 def _warn_head(model: nn.Module, head: str | None, how: str) -> None:
@@ -303,7 +287,7 @@ def structurize(
     names = _linear_names(model, modules)
     dense_names = [n for n in names if not isinstance(modules[n], StructuredLinear)]
     all_linear = isinstance(target_modules, str) and target_modules == ALL_LINEAR
-    head, how = _output_head(model, names) if all_linear else (None, "")
+    head, how = output_head(model, names) if all_linear else (None, "")
     selection = select_targets(names, head, target_modules, exclude_modules, overrides)
     if head is not None and selection.actions[head] == HEAD:
         _warn_head(model, head, how)

@@ -20,15 +20,19 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from torch import nn
+
 __all__ = [
     "ALL_LINEAR",
     "EXCLUDED",
     "HEAD",
+    "HEAD_NAMES",
     "REPLACE",
     "UNSELECTED",
     "Pattern",
     "TargetDecision",
     "TargetSelection",
+    "output_head",
     "select_targets",
 ]
 
@@ -150,3 +154,28 @@ def _matcher(pattern: Pattern | None) -> tuple[list[str], Callable[[str], str | 
 
 def _override_for(name: str, keys: Sequence[str]) -> str | None:
     return next((k for k in keys if _name_matches(name, k) or re.fullmatch(k, name)), None)
+
+
+#: Module names (the last component) that the output head of a model usually has.
+HEAD_NAMES = ("lm_head", "head", "classifier", "fc_out", "output", "readout", "logits")
+
+
+def output_head(model: nn.Module, names: list[str]) -> tuple[str | None, str]:
+    """The output head among the linear layers ``names`` of ``model``, and how it was found
+    (surgery keeps it dense under ``"all-linear"``; ``mup.prepare`` zeroes it): the module
+    ``get_output_embeddings()`` returns; else the last linear layer whose name ends in one of
+    :data:`HEAD_NAMES`; else the last linear layer in module order."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if head is not None:
+            for n, m in model.named_modules():
+                if m is head:
+                    return n, "get_output_embeddings"
+    named = [n for n in names if n.rpartition(".")[2] in HEAD_NAMES]
+    if named:
+        return named[-1], f"its name (one of {HEAD_NAMES})"
+    return (names[-1], "the last linear layer in module order") if names else (None, "")
