@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (pip install -e .[triton])")
 
 from structlin import make_linear
+from structlin.kernels import triton_btt
 from structlin.kernels.btt import btt2_matmul
 from structlin.kernels.triton_btt import (
     btt2_triton,
@@ -103,6 +104,61 @@ def test_backward_computes_only_what_is_needed():
     _close(dx, expected)
 
 
+# The fused backward: ranks 1, 3, 8 on blocks 6x10 and 5x7 (N = 40 and 33: not multiples of the
+# 32-row tile), bias on and off.
+FUSED_BACKWARD = [
+    (rows, m1, m0, n0, n1, r, (r + m1) % 2 == 1)
+    for rows, m1, m0, n0, n1 in [(40, 6, 10, 2, 7), (33, 5, 7, 3, 9)]
+    for r in (1, 3, 8)
+]
+NEEDS = [
+    (True, True, True, True),
+    (True, False, False, False),  # only dx
+    (False, True, True, False),  # only the weights
+    (False, False, True, True),
+    (False, True, False, False),
+]
+
+
+@runs_here
+@pytest.mark.parametrize(
+    "shape", FUSED_BACKWARD, ids=lambda s: "N{}_m{}x{}_n{}x{}_r{}_b{:d}".format(*s)
+)
+def test_fused_backward_matches_reference(shape):
+    x, w0, w1, b = _case(shape, seed=1)
+    assert fused_fits(w0, w1)
+    leaves = [t.clone().requires_grad_() for t in (x, w0, w1, b) if t is not None]
+    y = btt2_matmul(*leaves)
+    grad = torch.randn(y.shape[1], y.shape[0], device=DEVICE).t()  # column-major: strided reads
+    expected = list(torch.autograd.grad(y, leaves, grad)) + ([None] if b is None else [])
+    for needs in NEEDS:
+        needs = (*needs[:3], needs[3] and b is not None)
+        got = btt2_triton_backward(grad, x, w0, w1, needs, fused=True)
+        for need, a, e in zip(needs, got, expected, strict=True):
+            if need:
+                _close(a, e)
+            else:
+                assert a is None
+    unfused = btt2_triton_backward(grad, x, w0, w1, fused=False)
+    for a, e in zip(unfused[:3], expected[:3], strict=True):
+        _close(a, e)
+
+
+@runs_here
+def test_fused_backward_is_the_default_and_skips_the_batched_matmuls(monkeypatch):
+    x, w0, w1, _ = _case(SHAPES[2])
+    grad = torch.randn(x.shape[0], w1.shape[0] * w1.shape[1], device=DEVICE)
+    expected = btt2_triton_backward(grad, x, w0, w1, fused=False)
+
+    def no_bmm(*args, **kwargs):
+        raise AssertionError("the fused backward launched a batched-matmul stage")
+
+    # every write of the intermediate z or of dz goes through _bmm: none may happen here
+    monkeypatch.setattr(triton_btt, "_bmm", no_bmm)
+    for a, e in zip(btt2_triton_backward(grad, x, w0, w1), expected, strict=True):
+        _close(a, e)
+
+
 @runs_here
 def test_strided_input_is_read_in_place():
     x, w0, w1, b = _case(SHAPES[1])
@@ -147,6 +203,14 @@ def test_half_precision_accumulates_in_float32(dtype):
         assert y.dtype == dtype
         # one rounding of the intermediate and one of the output, each 2^-8 (bf16) at most
         assert ((y.double() - exact).norm() / exact.norm()).item() < 2e-2
+    grad = torch.randn(x.shape[0], w1.shape[0] * w1.shape[1], device=DEVICE).to(dtype)
+    leaves = [t.double().requires_grad_() for t in (x, w0, w1, b)]
+    exact_grads = torch.autograd.grad(btt2_matmul(*leaves), leaves, grad.double())
+    for fused in (True, False):
+        got = btt2_triton_backward(grad, x, w0, w1, fused=fused)
+        for a, e in zip(got, exact_grads, strict=True):
+            assert a.dtype == dtype
+            assert ((a.double() - e).norm() / e.norm()).item() < 2e-2
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (real shapes)")
@@ -178,6 +242,9 @@ def test_bad_shapes_and_forced_fusion_raise():
     big = _case(SHAPES[-1])
     with pytest.raises(ValueError, match="fused forward needs rank <= 16"):
         btt2_triton_forward(big[0].cpu(), big[1].cpu(), big[2].cpu(), fused=True)
+    grad = torch.zeros(big[0].shape[0], big[2].shape[0] * big[2].shape[1])
+    with pytest.raises(ValueError, match="fused backward needs rank <= 16"):
+        btt2_triton_backward(grad, big[0].cpu(), big[1].cpu(), big[2].cpu(), fused=True)
 
 
 def test_availability():

@@ -10,9 +10,16 @@ Same math and layouts as :func:`structlin.kernels.btt.btt2_matmul`: ``x`` ``(N, 
   row: ``r (d_in n0 + d_out m1)`` plus the rank padding to 16 on the tensor cores. Otherwise
   (Monarch, large ranks) two launches of the strided batched matmul, the first writing the
   intermediate ``(n0, N, r*m1)`` directly in the layout the second reads; no copy kernels.
-* Backward: five launches of the strided batched matmul (recompute the intermediate, ``dz``,
-  ``dw1``, ``dw0``, ``dx``), every layout permutation folded into strides, plus ``grad.sum(0)``
-  for the bias. It is not itself differentiable (no double backward through this path).
+* Backward, fused under the same limits: two kernels
+  (:func:`.triton_kernels.btt2_grad_w_kernel` for ``dw0``, ``dw1`` and the bias gradient,
+  :func:`.triton_kernels.btt2_grad_x_kernel` for ``dx``), each recomputing on chip the slices of
+  the intermediate ``z`` and of ``dz`` it needs, neither writing them to memory. MACs per row:
+  ``r (d_in n0 + d_out m1)`` twice in the first (``z``, ``dz``; then ``dw1``, ``dw0``) and twice
+  in the second (``dz``, ``dx``), against three times in the five-launch path, which pays for
+  it in writes and reads of the ``N r`` ``(n0 + m1)``-sized intermediates. Otherwise five
+  launches of the strided batched matmul (recompute the intermediate, ``dz``, ``dw1``, ``dw0``,
+  ``dx``), every layout permutation folded into strides, plus ``grad.sum(0)`` for the bias.
+  Neither is itself differentiable (no double backward through this path).
 
 bfloat16/float16 inputs use the tensor cores with float32 accumulation; float32 inputs use TF32
 only when ``torch.backends.cuda.matmul.allow_tf32`` is on, as ``torch.matmul`` does.
@@ -221,20 +228,84 @@ def btt2_triton_backward(
     w1: torch.Tensor,
     needs: Sequence[bool] = (True, True, True, True),
     zp: torch.Tensor | None = None,
+    *,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(dx, dw0, dw1, dbias)`` of ``y = BTT(x) + bias`` for ``grad = dL/dy``.
 
-    ``needs``: which of the four to compute (the others are None). ``zp``: the intermediate
-    ``(n0, N, r*m1)`` if the caller kept it; recomputed otherwise (``N d_in n0 r`` MACs). With
-    ``dz = dL/dz`` ``(m1, N, h)``: ``dw1 = grad^T zp`` per ``j0``, ``dz = grad w1`` per ``j0``,
-    ``dw0 = dz^T x`` and ``dx = dz w0`` per ``i1``.
+    ``needs``: which of the four to compute (the others are None). With ``dz = dL/dz``
+    ``(m1, N, h)``: ``dw1 = grad^T zp`` per ``j0``, ``dz = grad w1`` per ``j0``, ``dw0 = dz^T x``
+    and ``dx = dz w0`` per ``i1``. ``fused``: force the two-kernel backward that keeps ``z`` and
+    ``dz`` on chip (True) or the five-launch one (False); by default the former whenever
+    :func:`fused_fits`. ``zp``: the intermediate ``(n0, N, r*m1)`` if the caller kept it, used by
+    the five-launch path only (which recomputes it otherwise, ``N d_in n0 r`` MACs).
     """
-    rows, m1, m0, n0, n1, r = _dims(x, w0, w1)
+    rows, _, _, n0, n1, r = _dims(x, w0, w1)
     if grad.shape != (rows, n0 * n1) or grad.dtype != x.dtype:
         raise ValueError(
             f"btt2_triton: grad {tuple(grad.shape)} {grad.dtype}, expected "
             f"({rows}, {n0 * n1}) {x.dtype}"
         )
+    if fused is None:
+        fused = fused_fits(w0, w1)
+    if not fused:
+        return _unfused_backward(grad, x, w0, w1, needs, zp)
+    if not fused_fits(w0, w1):
+        raise ValueError(
+            f"btt2_triton: the fused backward needs rank <= {FUSED_MAX_RANK} and blocks "
+            f"m0, n1 <= {FUSED_MAX_BLOCK}; got r={r}, w0 {tuple(w0.shape)}, w1 {tuple(w1.shape)}"
+        )
+    return _fused_backward(grad, x, w0, w1, needs)
+
+
+def _fused_backward(
+    grad: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, needs: Sequence[bool]
+) -> tuple[torch.Tensor | None, ...]:
+    rows, m1, m0, n0, n1, r = _dims(x, w0, w1)
+    need_x, need_w0, need_w1, need_b = needs
+    kern, precision = _kernels(), _precision(x.dtype)
+    pads = {"RP": _pow2(r), "M0P": _pow2(m0), "N1P": _pow2(n1)}
+    dx = dw0 = dw1 = db = None
+    if need_w0 or need_w1:  # the bias gradient comes with them, from the same loads of grad
+        dw0 = torch.empty(w0.shape, dtype=x.dtype, device=x.device) if need_w0 else None
+        dw1 = torch.empty(w1.shape, dtype=x.dtype, device=x.device) if need_w1 else None
+        db = torch.empty(n0 * n1, dtype=x.dtype, device=x.device) if need_b else None
+        kern.btt2_grad_w_kernel[(m1 * n0,)](
+            x, w0, w1, grad, _or(dw0, grad), _or(dw1, grad), _or(db, grad), rows, m1, m0, n0, n1, r,
+            *x.stride(), *w0.stride(), *w1.stride(), *grad.stride(),
+            NEED_W0=bool(need_w0), NEED_W1=bool(need_w1), NEED_B=bool(need_b),
+            PRECISION=precision, **pads,
+        )  # fmt: skip
+    elif need_b:
+        db = grad.sum(0)
+    if need_x:
+        dx = torch.empty(rows, m1 * m0, dtype=x.dtype, device=x.device)
+
+        def grid(meta: dict) -> tuple[int, int]:
+            return m1, _cdiv(rows, meta["BLOCK_N"])
+
+        kern.btt2_grad_x_kernel[grid](
+            grad, w0, w1, dx, rows, m1, m0, n0, n1, r,
+            *grad.stride(), *w0.stride(), *w1.stride(), *dx.stride(),
+            PRECISION=precision, **pads,
+        )  # fmt: skip
+    return dx, dw0, dw1, db
+
+
+def _or(t: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """``t``, or a tensor to pass for a pointer the kernel never touches."""
+    return t if t is not None else placeholder
+
+
+def _unfused_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    w0: torch.Tensor,
+    w1: torch.Tensor,
+    needs: Sequence[bool],
+    zp: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
+    rows, m1, m0, n0, n1, r = _dims(x, w0, w1)
     need_x, need_w0, need_w1, need_b = needs
     dx = dw0 = dw1 = None
     if need_w1:

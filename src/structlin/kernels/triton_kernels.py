@@ -3,7 +3,7 @@
 Index names follow :mod:`.btt`: ``x[n, i1, i0]`` (``N x m1*m0``), ``w0[i1, (j0, rho), i0]``,
 ``w1[j0, j1, (rho, i1)]``, ``y[n, j0, j1]`` (``N x n0*n1``), rank ``r``.
 
-Two kernels:
+Four kernels:
 
 * :func:`bmm_kernel`, a batched matmul whose three operands are addressed through strides, the
   output's column index optionally split in two (``col // split``, ``col % split``) with a stride
@@ -14,6 +14,12 @@ Two kernels:
   ``z[:, i1, j0, :]`` (``BLOCK_N x r``, padded to 16 columns for the tensor cores) and
   contracts it at once into the ``BLOCK_N x n1`` output accumulator, so the intermediate never
   leaves the chip. Used for ranks up to 16 and block widths ``m0, n1`` up to 256.
+* :func:`btt2_grad_w_kernel` and :func:`btt2_grad_x_kernel`, the backward in two kernels under
+  the same limits, neither writing the intermediate ``z`` or its gradient ``dz`` to memory: the
+  first gives ``dw0``, ``dw1`` (and the bias gradient) with one program per block ``(i1, j0)``
+  looping over all rows, the second ``dx`` with one program per ``(i1, row tile)`` looping over
+  ``j0``. Each recomputes the slices of ``z`` / ``dz`` it needs on chip (``r`` is small: this
+  costs ``N r (d_in n0 + d_out m1)`` MACs per kernel). No atomics: the result is deterministic.
 
 Both accumulate in float32 and store in the output's dtype (bfloat16, float16 or float32).
 """
@@ -31,6 +37,7 @@ INTERPRET = bool(knobs.runtime.interpret)
 if INTERPRET:
     BMM_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
     FUSED_CONFIGS = [triton.Config({"BLOCK_N": 32})]
+    GRAD_CONFIGS = [triton.Config({"BLOCK_N": 32})]
 else:
     BMM_CONFIGS = [
         triton.Config(
@@ -49,6 +56,13 @@ else:
     FUSED_CONFIGS = [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 4, 3)]
+    ]
+    # The backward kernels hold two or three (BLOCK_N x 256) tiles at the largest blocks, so the
+    # row tile stays at 128 or below; the weight kernel streams over all rows, where deeper
+    # pipelining pays off.
+    GRAD_CONFIGS = [
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 4), (128, 8, 3), (128, 4, 2)]
     ]
 
 
@@ -133,3 +147,101 @@ def btt2_fused_kernel(
         acc += bias.to(tl.float32)[None, :]
     y_ptrs = y_ptr + rn[:, None].to(tl.int64) * s_yn + (j0 * N1 + rj1[None, :]) * s_yd
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rn[:, None] < ROWS) & (rj1 < N1)[None])
+
+
+@triton.autotune(configs=GRAD_CONFIGS, key=["M1", "M0", "N1", "R", "NEED_W0", "NEED_W1", "NEED_B"])
+@triton.jit
+def btt2_grad_w_kernel(
+    x_ptr, w0_ptr, w1_ptr, g_ptr, dw0_ptr, dw1_ptr, db_ptr, ROWS, M1, M0, N0, N1, R,
+    s_xn, s_xd, s_w0a, s_w0b, s_w0c, s_w1a, s_w1b, s_w1c, s_gn, s_gd,
+    NEED_W0: tl.constexpr, NEED_W1: tl.constexpr, NEED_B: tl.constexpr, PRECISION: tl.constexpr,
+    RP: tl.constexpr, M0P: tl.constexpr, N1P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Weight gradients of one block pair: ``dw1[j0, :, (:, i1)] = g[:, j0, :]^T z[:, i1, j0, :]``
+    and ``dw0[i1, (j0, :), :] = dz[:, i1, j0, :]^T x[:, i1, :]``, summed over all rows, with
+    ``z = x[:, i1, :] @ w0[i1, (j0, :), :]^T`` and ``dz = g[:, j0, :] @ w1[j0, :, (:, i1)]``
+    recomputed per row tile. ``dw0`` and ``dw1`` are contiguous; ``db`` (``n0 n1``) is written
+    by the programs with ``i1 = 0``.
+
+    Grid ``(m1 n0,)`` with ``i1`` fastest. All programs walk the rows in the same order, so the
+    row tiles of ``x`` and ``g`` they read at one time stay in L2.
+    """
+    pid = tl.program_id(0)
+    i1, j0 = pid % M1, pid // M1
+    ri0 = tl.arange(0, M0P)
+    rr = tl.arange(0, RP)
+    rj1 = tl.arange(0, N1P)
+    r_ok, i0_ok, j1_ok = rr < R, ri0 < M0, rj1 < N1
+    # w0[i1, j0*R + rho, i0] as (m0 x RP); w1[j0, j1, rho*M1 + i1] as (RP x n1)
+    w0_ptrs = w0_ptr + i1 * s_w0a + (j0 * R + rr[None, :]) * s_w0b + ri0[:, None] * s_w0c
+    w0t = tl.load(w0_ptrs, mask=i0_ok[:, None] & r_ok[None, :], other=0.0)
+    w1_ptrs = w1_ptr + j0 * s_w1a + rj1[None, :] * s_w1b + (rr[:, None] * M1 + i1) * s_w1c
+    w1t = tl.load(w1_ptrs, mask=r_ok[:, None] & j1_ok[None, :], other=0.0)
+    acc_w0 = tl.zeros((RP, M0P), dtype=tl.float32)
+    acc_w1 = tl.zeros((N1P, RP), dtype=tl.float32)
+    acc_b = tl.zeros((N1P,), dtype=tl.float32)
+    for start in range(0, ROWS, BLOCK_N):
+        rn = start + tl.arange(0, BLOCK_N)
+        row_ok = rn[:, None] < ROWS
+        g_ptrs = g_ptr + rn[:, None].to(tl.int64) * s_gn + (j0 * N1 + rj1[None, :]) * s_gd
+        gt = tl.load(g_ptrs, mask=row_ok & j1_ok[None, :], other=0.0)
+        if NEED_B:
+            acc_b += tl.sum(gt.to(tl.float32), axis=0)
+        if NEED_W0 or NEED_W1:
+            x_ptrs = x_ptr + rn[:, None].to(tl.int64) * s_xn + (i1 * M0 + ri0[None, :]) * s_xd
+            xt = tl.load(x_ptrs, mask=row_ok & i0_ok[None, :], other=0.0)
+            if NEED_W1:
+                z = tl.dot(xt, w0t, input_precision=PRECISION)  # (BLOCK_N, RP)
+                # the intermediate is rounded to the input dtype, as the reference does
+                acc_w1 = tl.dot(tl.trans(gt), z.to(gt.dtype), acc_w1, input_precision=PRECISION)
+            if NEED_W0:
+                dz = tl.dot(gt, tl.trans(w1t), input_precision=PRECISION)  # (BLOCK_N, RP)
+                acc_w0 = tl.dot(tl.trans(dz.to(xt.dtype)), xt, acc_w0, input_precision=PRECISION)
+    if NEED_W0:  # contiguous dw0[i1, j0*R + rho, i0]
+        ptrs = dw0_ptr + ((i1 * N0 + j0) * R + rr[:, None]) * M0 + ri0[None, :]
+        tl.store(ptrs, acc_w0.to(dw0_ptr.dtype.element_ty), mask=r_ok[:, None] & i0_ok[None, :])
+    if NEED_W1:  # contiguous dw1[j0, j1, rho*M1 + i1]
+        ptrs = dw1_ptr + (j0 * N1 + rj1[:, None]) * (R * M1) + rr[None, :] * M1 + i1
+        tl.store(ptrs, acc_w1.to(dw1_ptr.dtype.element_ty), mask=j1_ok[:, None] & r_ok[None, :])
+    if NEED_B:
+        db = acc_b.to(db_ptr.dtype.element_ty)
+        tl.store(db_ptr + j0 * N1 + rj1, db, mask=rj1 < tl.where(i1 == 0, N1, 0))
+
+
+@triton.autotune(configs=GRAD_CONFIGS, key=["M1", "M0", "N1", "R"])
+@triton.jit
+def btt2_grad_x_kernel(
+    g_ptr, w0_ptr, w1_ptr, dx_ptr, ROWS, M1, M0, N0, N1, R,
+    s_gn, s_gd, s_w0a, s_w0b, s_w0c, s_w1a, s_w1b, s_w1c, s_dxn, s_dxd,
+    PRECISION: tl.constexpr,
+    RP: tl.constexpr, M0P: tl.constexpr, N1P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``dx[n, i1, :] = sum_{j0} dz[n, i1, j0, :] @ w0[i1, (j0, :), :]`` with
+    ``dz[n, i1, j0, :] = g[n, j0, :] @ w1[j0, :, (:, i1)]`` computed on chip per ``j0``.
+
+    Grid ``(m1, row tiles)``: ``i1`` fastest, so the ``m1`` programs that re-read one row tile
+    of ``g`` run together and find it in L2. Per ``j0``: a ``(BLOCK_N x n1) @ (n1 x RP)`` and a
+    ``(BLOCK_N x RP) @ (RP x m0)`` product, the rank padded with zeros to ``RP >= 16``.
+    """
+    i1, pid_n = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ri0 = tl.arange(0, M0P)
+    rr = tl.arange(0, RP)
+    rj1 = tl.arange(0, N1P)
+    g_ptrs = g_ptr + rn[:, None].to(tl.int64) * s_gn + rj1[None, :] * s_gd
+    g_mask = (rn[:, None] < ROWS) & (rj1[None, :] < N1)
+    # w1[j0, j1, rho*M1 + i1] as (n1 x RP); w0[i1, j0*R + rho, i0] as (RP x m0)
+    w1_ptrs = w1_ptr + rj1[:, None] * s_w1b + (rr[None, :] * M1 + i1) * s_w1c
+    w1_mask = (rj1[:, None] < N1) & (rr[None, :] < R)
+    w0_ptrs = w0_ptr + i1 * s_w0a + rr[:, None] * s_w0b + ri0[None, :] * s_w0c
+    w0_mask = (rr[:, None] < R) & (ri0[None, :] < M0)
+    acc = tl.zeros((BLOCK_N, M0P), dtype=tl.float32)
+    for j0 in range(0, N0):
+        gt = tl.load(g_ptrs + j0 * N1 * s_gd, mask=g_mask, other=0.0)
+        w1t = tl.load(w1_ptrs + j0 * s_w1a, mask=w1_mask, other=0.0)
+        dz = tl.dot(gt, w1t, input_precision=PRECISION)  # (BLOCK_N, RP), fp32
+        w0t = tl.load(w0_ptrs + j0 * R * s_w0b, mask=w0_mask, other=0.0)
+        # dz is rounded to the input dtype, as the reference does
+        acc = tl.dot(dz.to(w0t.dtype), w0t, acc, input_precision=PRECISION)
+    dx_ptrs = dx_ptr + rn[:, None].to(tl.int64) * s_dxn + (i1 * M0 + ri0[None, :]) * s_dxd
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rn[:, None] < ROWS) & (ri0 < M0)[None])
