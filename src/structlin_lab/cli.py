@@ -1,19 +1,72 @@
-"""The ``structlin`` command line (also ``python -m structlin_lab``)."""
+"""The ``structlin`` command line (also ``python -m structlin_lab``).
+
+Every failure ends in one ``structlin: error: ...`` line on stderr: exit code 2 for a usage
+error (a bad argument, config key or value, a missing or malformed input file), 1 for a run
+that failed (divergence, an unreadable checkpoint, a missing optional package). The traceback
+is printed too with ``--debug`` or ``STRUCTLIN_DEBUG=1``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
 
 from structlin import __version__, get_structure, list_structures, make_linear, structure_options
 
-__all__ = ["main"]
+__all__ = ["UsageError", "main"]
+
+
+class UsageError(ValueError):
+    """A bad command line or input file: the CLI exits with code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors read ``structlin: error: <command>: ...``, like
+    the errors the commands raise."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        command = self.prog.removeprefix("structlin").strip()
+        self.exit(2, f"structlin: error: {command + ': ' if command else ''}{message}\n")
+
+
+def _positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1 (``--jobs 0`` is an error, not one job)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+@contextlib.contextmanager
+def _yaml_file(path: str | None, what: str) -> Iterator[None]:
+    """Turn a YAML syntax error in ``path`` into a :class:`UsageError` naming file and line."""
+    import yaml
+
+    try:
+        yield
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UsageError(
+            f"{what} {path} is not valid YAML: {problem}{where}; fix its syntax"
+        ) from err
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .models import list_models
 
+    layer = _layer_args(args.layer) if args.layer else None
     print(f"structlin {__version__}")
     print("structures:")
     for name in list_structures():
@@ -21,12 +74,29 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  {name:<11} options: {opts}")
     _print_theta_presets()
     print(f"models: {', '.join(list_models())}")
-    if args.layer:
-        spec, d_in, d_out = args.layer
-        print(make_linear(spec, int(d_in), int(d_out)))
+    if layer is not None:
+        print(make_linear(*layer))
     if args.config:
         _print_structure_report(args)
     return 0
+
+
+def _layer_args(layer: list[str]) -> tuple[str, int, int]:
+    """``info --layer SPEC D_IN D_OUT``, with the widths checked to be positive integers."""
+    spec, *dims = layer
+    widths = []
+    for name, text in zip(("D_IN", "D_OUT"), dims, strict=True):
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise UsageError(
+                f"info --layer: {name} must be a positive integer, got {text!r}; "
+                f"e.g. --layer {spec} 768 3072"
+            )
+        widths.append(value)
+    return spec, widths[0], widths[1]
 
 
 def _print_theta_presets() -> None:
@@ -46,7 +116,8 @@ def _print_structure_report(args: argparse.Namespace) -> None:
     from .train.build import model_at_width, shapes_only
 
     cfg = _info_config(args)
-    shapes = shapes_only(cfg, vocab=args.vocab if cfg.task == "lm" else None)
+    vocab = _info_vocab(cfg, args.vocab) if cfg.task == "lm" else None
+    shapes = shapes_only(cfg, vocab=vocab)
     with torch.device("meta"):
         model = model_at_width(cfg, cfg.model.width, shapes)
     s = cfg.structure
@@ -65,18 +136,42 @@ def _print_structure_report(args: argparse.Namespace) -> None:
     print(report)
 
 
+def _info_vocab(cfg, vocab: int | None) -> int | None:
+    """The vocabulary ``info --config`` builds an LM with: ``--vocab``, else the GPT-2 BPE's
+    (``shapes_only``), else a character vocabulary read from ``data.source``."""
+    if vocab is not None or cfg.data.tokenizer != "char":
+        return vocab
+    source = cfg.data.source
+    if not source or not Path(source).is_file():
+        raise UsageError(
+            f"info --config: a character-level model's vocabulary depends on its text, and "
+            f"data.source={source!r} is not a file; pass --vocab N or "
+            f"--set data.source=PATH_TO_TEXT"
+        )
+    from .data import prepare_text
+
+    data = prepare_text(
+        source, tokenizer="char", tokenizer_file=cfg.data.tokenizer_file, cache_dir=cfg.data.root
+    )
+    print(f"vocabulary {data.vocab_size} (the distinct characters of {source})")
+    return data.vocab_size
+
+
 def _info_config(args: argparse.Namespace):
     from .train import load_config
 
     sets = list(args.set or [])
-    if not any(x.startswith(("train.steps=", "train.epochs=")) for x in sets):
-        import yaml
+    with _yaml_file(args.config, "config"):
+        if not any(x.startswith(("train.steps=", "train.epochs=")) for x in sets):
+            import yaml
 
-        raw = yaml.safe_load(open(args.config).read()) or {}
-        train = raw.get("train", {}) or {}
-        if train.get("steps") is None and train.get("epochs") is None:
-            sets.append("train.steps=1")
-    return load_config(args.config, sets)
+            if not Path(args.config).is_file():
+                raise FileNotFoundError(f"config file {args.config} does not exist")
+            raw = yaml.safe_load(Path(args.config).read_text()) or {}
+            train = (raw.get("train", {}) if isinstance(raw, dict) else {}) or {}
+            if train.get("steps") is None and train.get("epochs") is None:
+                sets.append("train.steps=1")
+        return load_config(args.config, sets)
 
 
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -95,7 +190,7 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
         from .data import prepare_text
 
         if not args.source:
-            raise ValueError("data fetch text needs --source PATH to a UTF-8 text file or .gz")
+            raise UsageError("data fetch text needs --source PATH to a UTF-8 text file or .gz")
         data = prepare_text(
             args.source,
             tokenizer=args.tokenizer,
@@ -143,7 +238,10 @@ def _cmd_coord_check(args: argparse.Namespace) -> int:
     from .data import load_cifar
     from .experiments.coord_mlp import DEFAULT_STRUCTURES, run_coord_check_mlp
 
-    data = load_cifar("cifar10", args.cache, source=args.data, download=args.download)
+    try:
+        data = load_cifar("cifar10", args.cache, source=args.data, download=args.download)
+    except FileNotFoundError as err:
+        raise UsageError(_no_cifar_message(args, err)) from err
     run_coord_check_mlp(
         data.train_x,
         data.train_y,
@@ -162,11 +260,26 @@ def _cmd_coord_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_cifar_message(args: argparse.Namespace, err: FileNotFoundError) -> str:
+    """The data loader's message in the CLI's words: its flags, not its Python arguments."""
+    if args.data is None:
+        return (
+            f"coord-check: no CIFAR-10 data cached in {args.cache or 'the default cache'}; pass "
+            f"--data PATH (cifar-10-python.tar.gz, its extracted folder, or an image-folder "
+            f"archive laid out as {{train,test}}/<class>/*.png) or --download, or check a "
+            f"language model instead with --text FILE --hf-config gpt2"
+        )
+    text = str(err).replace("pass source=", "pass --data").replace("download=True", "--download")
+    return f"coord-check --data {args.data}: {text}"
+
+
 def _coord_check_text(args: argparse.Namespace, structures: list[str]) -> int:
     """``coord-check --text FILE --hf-config TYPE``: a tiny Hugging Face causal LM."""
     if not (args.text and args.hf_config):
-        print("coord-check: --text and --hf-config go together", file=sys.stderr)
-        return 2
+        given, missing = ("--text", "--hf-config") if args.text else ("--hf-config", "--text")
+        raise UsageError(
+            f"coord-check: {given} needs {missing} too, e.g. --text FILE --hf-config gpt2"
+        )
     from .data import prepare_text
     from .experiments.coord_text import (
         DEFAULT_TEXT_STRUCTURES,
@@ -197,7 +310,8 @@ def _coord_check_text(args: argparse.Namespace, structures: list[str]) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer, load_config
 
-    config = load_config(args.config, args.set)
+    with _yaml_file(args.config, "config"):
+        config = load_config(args.config, args.set)
     if not args.no_tune_malloc:
         from .malloc import tune_malloc
 
@@ -212,9 +326,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .scaling.sweep import dry_run, load_sweep, run_sweep, select, submit_slurm
 
-    sweep = load_sweep(args.spec, extra_set=args.set)
+    with _yaml_file(args.spec, "sweep spec"):
+        sweep = load_sweep(args.spec, extra_set=args.set)
     if args.only:
         sweep = select(sweep, args.only)
+    if args.slurm and not args.dry_run:
+        import importlib.util
+
+        if importlib.util.find_spec("submitit") is None:
+            raise RuntimeError(
+                "sweep --slurm needs the submitit package, which is not installed: "
+                "pip install submitit (or run the sweep on this machine with --jobs N)"
+            )
     print(dry_run(sweep))
     if args.dry_run:
         return 0
@@ -251,10 +374,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         print(
             f"{name:<20}{f.b:>12.4f}{f.b_stderr:>8.4f}{f.a:>12.4g}{f.e0:>8.4f}{f.r2:>7.3f}{f.n:>4}"
         )
-    if args.reference in fits:
+    reference = _fit_reference(args.reference, fits)
+    if reference is not None:
         at, mults = compute_multipliers(
             rows,
-            args.reference,
+            reference,
             x=args.x,
             y=args.y,
             by=args.by,
@@ -264,10 +388,23 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         )
         for name, (est, lo, hi) in mults.items():
             print(
-                f"compute multiplier of {name} vs {args.reference} at error {at:.4f}: "
+                f"compute multiplier of {name} vs {reference} at error {at:.4f}: "
                 f"{est:.2f}x (95% bootstrap {lo:.2f}-{hi:.2f})"
             )
     return 0
+
+
+def _fit_reference(reference: str | None, fits: dict) -> str | None:
+    """The structure compute multipliers are measured against: ``--reference`` (which must be
+    among the fitted curves), else ``dense`` when it was fitted, else none."""
+    if reference is None:
+        return "dense" if "dense" in fits else None
+    if reference not in fits:
+        raise UsageError(
+            f"fit --reference {reference!r} is not among the fitted curves; valid: "
+            f"{', '.join(sorted(fits))}"
+        )
+    return reference
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -279,7 +416,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     if args.kind == "scaling":
         kwargs.update(x=args.x, by=args.by)
     elif args.by != "structure" or args.x != "train_macs":
-        raise ValueError("--x and --by apply to --kind scaling only")
+        raise UsageError("--x and --by apply to --kind scaling only")
     for path in plot_from_dirs(args.dirs, args.out, kind=args.kind, **kwargs):
         print(f"wrote {path}")
     return 0
@@ -345,8 +482,9 @@ def _add_train(sub) -> None:
     train.add_argument("config", nargs="?", help="YAML config (see configs/); defaults if omitted")
     _add_set_flag(train, "override config keys, e.g. --set optim.lr=1e-3 model.width=256")
     train.add_argument("--out", help="run directory (default runs/<config name>)")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="restart in an existing directory")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    again.add_argument("--overwrite", action="store_true", help="restart in an existing directory")
     _add_tune_malloc_flag(train)
     train.set_defaults(func=_cmd_train)
 
@@ -363,11 +501,13 @@ def _add_sweep(sub) -> None:
         metavar="PATTERN",
         help="run only the runs whose names match a shell-style pattern, e.g. '*_lr3e-02_s0'",
     )
-    sw.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine")
-    sw.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    sw.add_argument(
+        "--jobs", type=_positive_int, default=1, help="runs in parallel on this machine"
+    )
+    sw.add_argument("--threads", type=_positive_int, default=None, help="torch threads per run")
     sw.add_argument("--slurm", action="store_true", help="submit a SLURM job array (submitit)")
     sw.add_argument("--partition", default=None)
-    sw.add_argument("--timeout-min", type=int, default=1440)
+    sw.add_argument("--timeout-min", type=_positive_int, default=1440)
     _add_tune_malloc_flag(sw)
     sw.set_defaults(func=_cmd_sweep)
 
@@ -386,14 +526,18 @@ def _add_fit(sub) -> None:
     fit.add_argument("--x", default="train_macs", help="compute column (default train_macs)")
     fit.add_argument("--y", default="final_test_error", help="error column")
     fit.add_argument("--irreducible", action="store_true", help="fit e0 + a*C^-b")
-    fit.add_argument("--reference", default="dense", help="structure for compute multipliers")
+    fit.add_argument(
+        "--reference",
+        default=None,
+        help="curve the compute multipliers are measured against (default: dense, if fitted)",
+    )
     fit.add_argument(
         "--at-error",
         type=float,
         default=None,
         help="error level for the multiplier (default: the reference fit at its largest compute)",
     )
-    fit.add_argument("--n-boot", type=int, default=1000)
+    fit.add_argument("--n-boot", type=_positive_int, default=1000)
     fit.add_argument(
         "--by",
         default="structure",
@@ -438,7 +582,13 @@ def _add_info(sub) -> None:
     )
     info.add_argument("--config", help="also print the structurize report of a training config")
     _add_set_flag(info, "config overrides for --config")
-    info.add_argument("--vocab", type=int, default=50257, help="vocabulary size for lm configs")
+    info.add_argument(
+        "--vocab",
+        type=_positive_int,
+        default=None,
+        help="vocabulary size for lm configs (default: GPT-2 BPE's, or the characters of "
+        "data.source for a character-level model)",
+    )
     info.set_defaults(func=_cmd_info)
 
 
@@ -585,21 +735,64 @@ _COMMANDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``structlin`` parser: one sub-command per entry of ``_COMMANDS``."""
-    parser = argparse.ArgumentParser(prog="structlin", description=__doc__)
+    parser = _Parser(prog="structlin", description=__doc__)
     parser.add_argument("--version", action="version", version=f"structlin {__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for add_command in _COMMANDS:
         add_command(sub)
     return parser
 
 
+_DEBUG_HELP = "on an error, print the traceback too (or set STRUCTLIN_DEBUG=1)"
+
+
+#: Errors in what the user gave (arguments, configs, input files): exit code 2. Anything else
+#: raised by a command is a failed run: exit code 1.
+_USAGE_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
+
+
+def _debug_env() -> bool:
+    return os.environ.get("STRUCTLIN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _error_line(err: BaseException) -> str:
+    """``err``'s message on one line (a ``KeyError``'s unquoted), else its type's name."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else err
+    return " ".join(str(text).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the ``structlin`` command ``argv`` (default ``sys.argv[1:]``); the exit code.
+
+    0 on success, 2 for a usage error, 1 for a failed run (see the module docstring); ``--help``
+    and ``--version`` return 0. Errors print one ``structlin: error: ...`` line on stderr.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere on the line, not only before the sub-command
+    debug = "--debug" in argv or _debug_env()
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse's own usage errors, --help and --version
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"structlin: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("structlin: error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        print(f"structlin: error: {_error_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, _USAGE_ERRORS) else 1
 
 
 if __name__ == "__main__":

@@ -498,6 +498,11 @@ def run_sweep(
     ``jobs == 1``)."""
     import torch
 
+    if jobs < 1 or (threads_per_job is not None and threads_per_job < 1):
+        raise ValueError(
+            f"run_sweep needs jobs >= 1 and threads_per_job >= 1 (or None), got jobs={jobs}, "
+            f"threads_per_job={threads_per_job}"
+        )
     say = log or (lambda _msg: None)
     runs = expand(sweep)
     results: dict[str, dict] = {}

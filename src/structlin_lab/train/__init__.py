@@ -3,9 +3,10 @@ modelling), checkpoints and schedules."""
 
 from .config import Config, apply_overrides, config_hash, load_config
 from .tasks import ImageClassification, LanguageModeling, Task, build_task
-from .trainer import Trainer, TrainingDiverged
+from .trainer import CheckpointError, Trainer, TrainingDiverged
 
 __all__ = [
+    "CheckpointError",
     "Config",
     "ImageClassification",
     "LanguageModeling",

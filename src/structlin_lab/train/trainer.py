@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import time
@@ -51,19 +52,35 @@ from .monitor import factor_rms_stats
 from .schedule import lr_factor
 from .tasks import BatchResult, build_task
 
-__all__ = ["Trainer", "TrainingDiverged"]
+__all__ = ["CheckpointError", "Trainer", "TrainingDiverged"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint to resume from is unreadable (empty, truncated or not a checkpoint)."""
+
+
 def _resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(
+            f"train.device={name!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"train.device={name} but CUDA is not available here (torch {torch.__version__}, "
+            f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA); use "
+            f"train.device=cpu, or auto to pick CUDA when there is one"
+        )
     if name == "cuda" and local_rank >= 0:
         return torch.device("cuda", local_rank)
-    return torch.device(name)
+    return device
 
 
 def _init_distributed() -> tuple[int, int, int]:
@@ -245,7 +262,19 @@ class Trainer:
     def _load(self) -> None:
         # Load on CPU: RNG states must stay CPU ByteTensors, and load_state_dict moves the
         # model's and optimizer's tensors to their parameters' device anyway.
-        state = load_checkpoint(self.ckpt_path, map_location="cpu")
+        try:
+            state = load_checkpoint(self.ckpt_path, map_location="cpu")
+        except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as e:
+            raise CheckpointError(
+                f"cannot resume {self.out}: checkpoint {self.ckpt_path} is unreadable "
+                f"({' '.join(str(e).split()) or type(e).__name__}; empty, truncated or not "
+                f"written by structlin); restore it from a copy, or pass --overwrite to start again"
+            ) from e
+        if not isinstance(state, dict) or "step" not in state:
+            raise CheckpointError(
+                f"cannot resume {self.out}: {self.ckpt_path} is not a structlin training "
+                f"checkpoint; pass --overwrite to start again"
+            )
         if state.get("config_hash") != config_hash(self.cfg):
             raise ValueError(
                 f"cannot resume {self.out}: the checkpoint was written with a different config"
@@ -287,6 +316,25 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to ``total_steps``; returns the last metrics row (with ``status``)."""
+        created = self._new_paths()
+        try:
+            return self._fit()
+        except BaseException:
+            if self.step == 0 and self.is_main:
+                _remove(created)
+            raise
+
+    def _new_paths(self) -> list[Path]:
+        """What :meth:`fit` may create that does not exist yet: removed again if the run fails
+        before its first step, so that a rerun does not find a half-made run directory."""
+        if self.resume:
+            return []
+        if not self.out.exists():
+            return [self.out]
+        names = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints")
+        return [self.out / n for n in names if not (self.out / n).exists()]
+
+    def _fit(self) -> dict[str, Any]:
         import yaml
 
         if self.is_main:
@@ -426,6 +474,14 @@ class Trainer:
         }
         self._running = {"loss": 0.0, "acc": 0.0, "n": 0}
         return row
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _summary_writer_class():
