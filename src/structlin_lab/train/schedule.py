@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 __all__ = ["lr_factor"]
@@ -21,6 +22,17 @@ def lr_factor(
         raise ValueError(f"schedule must be cosine, linear or constant, got {schedule!r}")
     if total_steps < 1:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps must be >= 0, got {warmup_steps}")
+    if warmup_steps >= total_steps:
+        # The LR would still be ramping up when the run ends: it never reaches the peak LR.
+        warnings.warn(
+            f"optim.warmup_steps={warmup_steps} is not shorter than the run ({total_steps} "
+            f"steps): the learning rate never reaches its peak (it ends at "
+            f"{total_steps / warmup_steps:.3g}x of it); lower optim.warmup_steps below "
+            f"{total_steps}, or train longer",
+            stacklevel=2,
+        )
 
     def factor(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:

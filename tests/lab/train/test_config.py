@@ -172,3 +172,13 @@ def test_a_checkpoint_pickling_other_objects_is_refused(tmp_path):
     torch.save({"x": _Foreign()}, path)
     with pytest.raises(ValueError, match=r"weights_only=True.*_Foreign"):
         load_checkpoint(path)
+
+
+def test_warmup_longer_than_the_run_warns_with_the_peak_it_reaches():
+    with pytest.warns(UserWarning, match=r"warmup_steps=300 is not shorter than the run \(30 "):
+        f = lr_factor("cosine", 30, warmup_steps=300)
+    assert f(29) == pytest.approx(
+        0.1
+    )  # the last step's LR: 30/300 of the peak, as the warning says
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0, got -1"):
+        lr_factor("cosine", 30, warmup_steps=-1)
