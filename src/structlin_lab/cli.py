@@ -788,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("structlin: error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`structlin info | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit either
+        return 0
     except Exception as err:
         if debug:
             traceback.print_exc()

@@ -533,3 +533,14 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(world,
     assert resumed["step"] == whole["step"] == 4
     assert resumed["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-6)
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
+
+
+def test_a_closed_pipe_is_not_an_error():
+    """`structlin info | head -1`: the reader closes the pipe early; no error line, exit 0."""
+    import subprocess
+    import sys
+
+    cmd = f"{sys.executable} -m structlin_lab info | head -1"
+    out = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], capture_output=True, text=True)
+    assert out.stdout.startswith("structlin ") and out.stderr == ""
+    assert out.returncode == 0
