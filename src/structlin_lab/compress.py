@@ -213,6 +213,12 @@ def pick_size(
         raise ValueError(f"compress: the target fraction must be in (0, 1), got {fraction}")
     if by not in ("params", "macs"):
         raise ValueError(f"compress: by must be 'params' or 'macs', got {by!r}")
+    structured = [e.path for e in structure_config(model).modules]
+    if structured:  # surgery would leave them alone: no size could be measured
+        raise ValueError(
+            f"compress: pick_size measures sizes on dense layers, but {structured[:5]} are "
+            f"structured; call densify(model) first"
+        )
     name, options, option = _size_option(spec)
     best: tuple[float, str, float] | None = None
     for size in size_candidates(model):

@@ -15,6 +15,7 @@ from structlin_lab.compress import (
     FinetuneOptions,
     TextOptions,
     compress,
+    densify,
     load_source,
     pick_size,
     size_candidates,
@@ -102,7 +103,10 @@ def test_finetuning_lowers_the_loss_below_the_projection(dense_run, tmp_path, di
 
 
 def test_params_fraction_picks_the_closest_rank(dense_run):
-    model = load_source(dense_run).model
+    model = load_source(dense_run).model  # a dense run's layers are DenseLinear: densify first
+    with pytest.raises(ValueError, match=r"densify\(model\) first"):
+        pick_size(model, "low_rank", 0.5)
+    densify(model)
     spec, ratio = pick_size(model, "low_rank", 0.5)
     # Independently: a rank-r low-rank layer has r (d_in + d_out) params.
     shapes = [(32, 32)] * 4 + [(32, 128), (128, 32)]

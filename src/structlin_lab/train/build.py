@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from structlin import mup, mup_init_std, structurize
+from structlin import mup, structurize
 
 from .config import Config
 
@@ -24,7 +24,6 @@ __all__ = [
     "model_at_width",
     "seed_everything",
     "shapes_only",
-    "spectral_init",
 ]
 
 
@@ -133,34 +132,15 @@ def build_model(
         "exclude_modules": s.exclude_modules,
         "overrides": s.overrides,
     }
-    if s.spec == "dense" and not s.overrides:
-        spectral_init(model, structurize(model, "dense", dry_run=True, **kw).replaced)
-    else:
-        structurize(model, s.spec, **kw)
-        structurize(base, s.spec, **kw)
+    # "dense" goes through surgery too, as in the paper: its layers become DenseLinear, whose
+    # spectral init is the paper's dense baseline's (nn.Linear's default is up to 3.5x larger);
+    # the state dict keeps nn.Linear's names.
+    structurize(model, s.spec, **kw)
+    structurize(base, s.spec, **kw)
     return model.to(device), base
 
 
 @torch.no_grad()
-def spectral_init(model: nn.Module, names: list[str]) -> None:
-    """Draw the weight of each named dense layer from ``N(0, σ²)`` with the spectral μP std
-    ``σ = sqrt(min(fan_in, fan_out)) / fan_in``, as surgery initialises every layer it replaces.
-
-    The dense baseline (``structure.spec: dense``) keeps ``nn.Linear`` layers, whose default
-    init has std ``1 / sqrt(3 fan_in)``; the paper's dense baseline (Qiu et al., ICML 2024)
-    replaces the same layers as every other structure by a dense layer with the spectral init.
-    For the MLP's input layer (3072 -> width) the default is 3.46x too large at width 256 and
-    1.73x at width 1024. A weight that is all zeros (a zero-initialised readout) stays zero, and
-    biases keep their init, as under surgery.
-    """
-    for name in names:
-        layer = model.get_submodule(name)
-        weight = layer.weight
-        if isinstance(layer, nn.Linear) and (weight.is_meta or bool(weight.any())):
-            fan_out, fan_in = weight.shape  # nn.Linear layout
-            weight.normal_(0.0, mup_init_std(fan_in, fan_out))
-
-
 def build_optimizer(cfg: Config, model: nn.Module, base: nn.Module) -> torch.optim.Optimizer:
     """``cfg.optim``'s optimizer over μP parameter groups (``structlin.mup.param_groups``):
     ``optim.lr`` is the learning rate at ``base``'s width, scaled per parameter by μP (Adam:

@@ -10,7 +10,7 @@ import torch
 
 from structlin import mup
 from structlin_lab.train import load_config
-from structlin_lab.train.build import DataShapes, build_model
+from structlin_lab.train.build import DataShapes, build_model, model_at_width
 
 CIFAR = DataShapes(10, (3, 32, 32))
 
@@ -30,7 +30,9 @@ def test_dense_baseline_input_layer_has_the_spectral_init(width):
     w = model.input_layer.weight
     torch.manual_seed(0)
     plain = torch.nn.Linear(3072, width)  # what the dense baseline used to hold
-    assert type(model.input_layer) is torch.nn.Linear  # still a plain Linear: same state dict
+    # the dense layers went through surgery (DenseLinear), with the state dict of the plain model
+    assert type(model.input_layer).__name__ == "DenseLinear"
+    assert model.state_dict().keys() == model_at_width(cfg, width, CIFAR).state_dict().keys()
     want = math.sqrt(min(3072, width)) / 3072
     # the std of n Gaussian draws has relative sampling error about 1 / sqrt(2 n) < 0.1% here
     assert w.std().item() == pytest.approx(want, rel=0.01)
