@@ -247,3 +247,20 @@ def test_triton_runs_inside_the_op_in_the_interpreter():
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "ok {'forward': 4, 'backward': 2}" in out.stdout
+
+
+def test_constant_marking_matches_the_public_decorator_and_import_stays_light():
+    """ops marks its kernel choices as torch.compile constants the way
+    ``torch.compiler.assume_constant_result`` does, without importing dynamo at import time."""
+    import subprocess
+    import sys
+
+    from structlin.kernels import ops
+
+    marked = torch.compiler.assume_constant_result(lambda: 0)
+    flags = {k for k, v in vars(marked).items() if v is True}
+    assert flags == {"_dynamo_marked_constant"}
+    assert ops._fused_for._dynamo_marked_constant is True
+    code = "import sys, structlin; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -150,7 +150,16 @@ def _use_fused(x: Tensor, w0: Tensor, w1: Tensor, bias: Tensor | None) -> bool:
     return _fused_for(x.dtype, tuple(w0.shape), tuple(w1.shape), bias_shape)
 
 
-@torch.compiler.assume_constant_result
+def _constant_when_compiled(fn: Any) -> Any:
+    """``torch.compiler.assume_constant_result`` without its ``import torch._dynamo`` (about
+    1.8 s, which would land on every ``import structlin``): that decorator only sets this flag,
+    which dynamo reads when it traces a call. tests/layers/test_custom_ops.py checks that the
+    public decorator still sets the same flag, and that compiled graphs have no break."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_when_compiled
 def _fused_for(
     dtype: torch.dtype,
     w0_shape: tuple[int, ...],
@@ -449,7 +458,7 @@ def _triton_btt2(x: Tensor) -> ModuleType | None:
     return _triton_module() if _triton_for(x.device.type) else None
 
 
-@torch.compiler.assume_constant_result
+@_constant_when_compiled
 def _triton_for(device_type: str) -> bool:
     """Whether Triton runs the op for tensors on ``device_type``: CUDA when triton is installed
     and ``STRUCTLIN_TRITON`` is not ``0``; the CPU only with ``STRUCTLIN_TRITON=force`` and
