@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from structlin import mup, structurize
+from structlin import BTTMoELinear, mup, structurize
 
 from .config import Config
 
@@ -163,6 +164,20 @@ def build_optimizer(cfg: Config, model: nn.Module, base: nn.Module) -> torch.opt
     return cls(groups, lr=o.lr, betas=tuple(o.betas))
 
 
+def _cpu_attention_flops() -> dict[Any, Any]:
+    """A FLOP formula for the CPU kernel of ``scaled_dot_product_attention``, which
+    ``FlopCounterMode`` counts on CUDA but not on CPU: without it a CPU run's compute leaves out
+    attention (``QK^T`` and ``AV``, the causal mask not discounted, as on CUDA)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+    def flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {} if op is None else {op: flops}
+
+
 @torch.no_grad()
 def forward_macs(model: nn.Module, example: torch.Tensor) -> int:
     """Forward multiply-accumulates for ONE example, counted by ``FlopCounterMode`` (which
@@ -171,11 +186,18 @@ def forward_macs(model: nn.Module, example: torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     was = model.training
+    # A one-example input is below BTTMoELinear.SELECTED_MIN_ROWS, where "auto" runs every expert
+    # and masks; the count must be the algorithm's (the k active experts), as training runs it.
+    moes = [m for m in model.modules() if isinstance(m, BTTMoELinear) and m.compute == "auto"]
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        for m in moes:
+            m.compute = "selected"
+        with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
             model(example)
     finally:
+        for m in moes:
+            m.compute = "auto"
         model.train(was)
     return int(counter.get_total_flops()) // 2
 

@@ -46,3 +46,29 @@ def test_model_at_width_takes_its_sizes_from_the_shapes():
     assert logits.shape == (2, 8, 11)
     with pytest.raises(ValueError, match="needs image data"):
         model_at_width(load_config(None, [*lm, "model.name=mlp"]), 32, DataShapes(11))
+
+
+@pytest.mark.parametrize(
+    ("spec", "mlp"),
+    [
+        ("dense", "dense"),
+        ("btt:rank=2", "dense"),
+        ("btt_moe:experts=8,top_k=2", "dense"),
+        ("btt_moe:experts=4,top_k=1", "dense"),
+        ("dense", "moe"),
+    ],
+)
+def test_forward_macs_counts_attention_and_only_the_active_experts(spec, mlp):
+    # On CPU, FlopCounterMode has no formula for the attention kernel, and BTT-MoE runs every
+    # expert on an input this small: the count must still be the model's analytic MACs.
+    from structlin_lab.train.build import build_model, forward_macs
+
+    sets = ["train.steps=1", "task=lm", "model.name=gpt2", "model.depth=2", "model.width=64"]
+    sets += [f"model.kwargs={{d_head: 16, mlp: {mlp}}}", "data.block_size=16"]
+    sets += [f"structure.spec={spec}"]
+    cfg = load_config(None, sets)
+    model, _ = build_model(cfg, DataShapes(50), torch.device("cpu"))
+    counted = forward_macs(model, torch.zeros(1, 16, dtype=torch.long))
+    assert counted == 16 * model.macs_per_token()
+    moes = [m for m in model.modules() if hasattr(m, "compute")]
+    assert all(m.compute == "auto" for m in moes)  # the count leaves the layers as they were
