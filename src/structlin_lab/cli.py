@@ -450,6 +450,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         distill=args.distill,
         alpha=args.alpha,
         temperature=args.temperature,
+        lr_rule=args.lr_rule,
     )
     compress(
         args.source,
@@ -457,6 +458,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         args.structure,
         params=args.params,
         macs=args.macs,
+        target_modules=args.target,
+        exclude_modules=args.exclude,
         finetune_options=ft,
         text=text,
         device=args.device,
@@ -698,8 +701,28 @@ def _add_compress(sub) -> None:
         "rank (low_rank, tt, btt) or blocks (monarch, block_diag)",
     )
     size.add_argument("--macs", type=float, help="the same, as a fraction of their MACs")
+    cp.add_argument(
+        "--target",
+        default="all-linear",
+        metavar="REGEX",
+        help="structurize's target_modules: the linear layers to compress, a regex matched "
+        "against full module names (e.g. '.*mlp.*'); default all-linear (all but the output "
+        "head). The others stay dense; --params/--macs are fractions of the targeted layers",
+    )
+    cp.add_argument(
+        "--exclude",
+        metavar="REGEX",
+        help="structurize's exclude_modules: a regex of full module names to keep dense",
+    )
     cp.add_argument("--steps", type=int, default=0, help="fine-tuning steps (default 0: none)")
     cp.add_argument("--lr", type=float, default=1e-3, help="fine-tuning AdamW learning rate")
+    cp.add_argument(
+        "--lr-rule",
+        default="mup",
+        choices=["mup", "plain"],
+        help="mup (default): each structured layer's factors get μP's structure-aware learning "
+        "rates, lr * d_in / (n_factors * fan_in); plain: every parameter at --lr",
+    )
     cp.add_argument(
         "--distill", action="store_true", help="distil from the dense model's logits (KL)"
     )

@@ -6,14 +6,18 @@ The workflow of ``structlin compress`` (Monarch's dense-to-sparse fine-tuning, D
 1. **Load** the dense model: a training run directory (:func:`~structlin_lab.runs.load_run`), a
    directory written by ``save_structured`` for a lab model (``lab_run.json`` beside it) or a
    Hugging Face model (``config.json``), or a dense transformers ``save_pretrained`` directory.
-2. **Project**: ``structurize(model, spec, init="from_dense")`` replaces every linear layer but
-   the output head by the structure's best fit ``W'`` of its weight ``W``; the report gives each
-   layer's relative error ``||W - W'||_F / ||W||_F`` and the parameters and MACs before and after.
-   With a target fraction ``f`` instead of a size, the structure's size option (``rank`` of
-   low-rank, TT and BTT; ``blocks`` of Monarch and block-diagonal) is the candidate whose report
-   has ``params_after / params_before`` (or the MAC ratio) closest to ``f``.
+2. **Project**: ``structurize(model, spec, init="from_dense")`` replaces the targeted linear
+   layers (``target_modules`` / ``exclude_modules``, as in ``structurize``; by default every one
+   but the output head) by the structure's best fit ``W'`` of its weight ``W``; the report gives
+   each layer's relative error ``||W - W'||_F / ||W||_F`` and the parameters and MACs before and
+   after. With a target fraction ``f`` instead of a size, the structure's size option (``rank``
+   of low-rank, TT and BTT; ``blocks`` of Monarch and block-diagonal) is the candidate whose
+   report has ``params_after / params_before`` (or the MAC ratio, both over the targeted layers)
+   closest to ``f``.
 3. **Fine-tune** (optional) for ``steps`` AdamW steps on the model's own data: a run's training
-   data, or a text file for a Hugging Face causal LM. The loss is the task's cross-entropy, or
+   data, or a text file for a Hugging Face causal LM. Each structured factor gets μP's
+   structure-aware learning rate relative to the model's own widths (:func:`finetune_groups`).
+   The loss is the task's cross-entropy, or
    with distillation ``(1 - α) CE + α T² KL(softmax(z_dense / T) || softmax(z / T))`` against the
    dense model's logits ``z_dense`` (Hinton et al., 2015).
 4. **Save** with ``structlin.save_structured``: ``structure.json``, the weights, the dense base's
@@ -29,8 +33,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,18 +56,23 @@ from structlin import (
     structure_config,
     structurize,
 )
+from structlin.mup import param_groups
+from structlin.options import suggest
+from structlin.targets import ALL_LINEAR, Pattern, output_head, select_targets
 
 from .runs import CHECKPOINT, LAB_RUN_NAME, load_exported, load_run, write_lab_run
 from .train.build import DataShapes
 from .train.config import Config
 
 __all__ = [
+    "LR_RULES",
     "SIZE_OPTIONS",
     "CompressResult",
     "Source",
     "compress",
     "densify",
     "finetune",
+    "finetune_groups",
     "load_source",
     "pick_size",
     "project",
@@ -78,6 +88,8 @@ SIZE_OPTIONS = {
     "block_diag": "blocks",
 }
 PROBE_BATCHES = 4
+#: Fine-tuning learning-rate rules (:class:`FinetuneOptions`).
+LR_RULES = ("mup", "plain")
 
 
 # ---------------------------------------------------------------------------- sources
@@ -183,10 +195,15 @@ def _checked_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-def size_candidates(model: nn.Module) -> list[int]:
+def size_candidates(model: nn.Module, names: Collection[str] | None = None) -> list[int]:
     """Sizes to try for ``rank`` / ``blocks``: every value up to 16, then steps of about 1.2x
-    up to the largest linear width of ``model``."""
-    widths = [max(linear_dims(m)) for m in model.modules() if _is_dense_linear(m)]
+    up to the largest width of the dense linear layers of ``model`` (those in ``names`` when
+    given: a larger size could only fit layers that are not compressed)."""
+    widths = [
+        max(linear_dims(m))
+        for n, m in model.named_modules()
+        if _is_dense_linear(m) and (names is None or n in names)
+    ]
     top = max(widths, default=16)
     values = set(range(1, min(top, 16) + 1))
     v = 16.0
@@ -200,11 +217,55 @@ def _is_dense_linear(module: nn.Module) -> bool:
     return is_linear_like(module) and not isinstance(module, StructuredLinear)
 
 
+def _targeted(
+    model: nn.Module, spec: str, target_modules: Pattern, exclude_modules: Pattern | None
+) -> list[str]:
+    """The linear layers ``structurize(model, spec, target_modules=..., exclude_modules=...)``
+    selects (:func:`structlin.targets.select_targets`, on names alone); a ``ValueError`` naming
+    the patterns when they select none, or when a pattern is not a valid regex."""
+    for what, pattern in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+        if isinstance(pattern, str) and pattern != ALL_LINEAR:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(
+                    f"compress: {what} {pattern!r} is not a valid regular expression ({err})"
+                ) from None
+    names = [n for n, m in model.named_modules() if n and is_linear_like(m)]
+    all_linear = isinstance(target_modules, str) and target_modules == ALL_LINEAR
+    head = output_head(model, names)[0] if all_linear else None
+    selected = select_targets(names, head, target_modules, exclude_modules).replaced
+    if selected:
+        return selected
+    if all_linear and exclude_modules is None:
+        why = "the model has no linear layer to compress besides its output head"
+    else:  # name the patterns: usually a typo, or a regex that must match the full name
+        why = (
+            f"target_modules={target_modules!r} with exclude_modules={exclude_modules!r} "
+            f"selects none of the linear layers {names[:20]}{' ...' if len(names) > 20 else ''}"
+            f" (a regex must match the full module name; a list entry, a name or a suffix)"
+        )
+    raise ValueError(f"compress: {spec!r} replaced no layer: {why}")
+
+
+def _listed(pattern: Pattern | None) -> str | list[str] | None:
+    """``pattern`` with an iterable of names made a list: it is read more than once."""
+    return pattern if pattern is None or isinstance(pattern, str) else list(pattern)
+
+
 def pick_size(
-    model: nn.Module, spec: str, fraction: float, *, by: str = "params"
+    model: nn.Module,
+    spec: str,
+    fraction: float,
+    *,
+    by: str = "params",
+    target_modules: Pattern = ALL_LINEAR,
+    exclude_modules: Pattern | None = None,
 ) -> tuple[str, float]:
     """The spec, with its size option set, whose dry-run report has ``by``'s after/before ratio
-    (``"params"`` or ``"macs"``, over the linear layers it replaces) closest to ``fraction``.
+    (``"params"`` or ``"macs"``) closest to ``fraction``. The ratio is
+    ``sum(after) / sum(before)`` over the layers the surgery replaces: those ``target_modules``
+    and ``exclude_modules`` select (as in ``structurize``), not the whole model.
 
     Returns the spec string and its ratio. A size that some layer refuses (e.g. more Monarch
     blocks than a layer's width) is skipped, so the ratio is always over the same layers.
@@ -220,13 +281,21 @@ def pick_size(
             f"structured; call densify(model) first"
         )
     name, options, option = _size_option(spec)
+    target_modules, exclude_modules = _listed(target_modules), _listed(exclude_modules)
+    targeted = _targeted(model, spec, target_modules, exclude_modules)
     best: tuple[float, str, float] | None = None
-    for size in size_candidates(model):
+    for size in size_candidates(model, set(targeted)):
         candidate = format_spec(name, {**options, option: size})
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a refused size is skipped, not reported
-                report = structurize(model, candidate, dry_run=True)
+                report = structurize(
+                    model,
+                    candidate,
+                    target_modules=target_modules,
+                    exclude_modules=exclude_modules,
+                    dry_run=True,
+                )
         except ValueError:
             continue
         totals = report.totals()
@@ -271,12 +340,27 @@ def densify(model: nn.Module) -> list[str]:
     return [e.path for e in entries]
 
 
-def project(model: nn.Module, spec: str) -> Any:
-    """``structurize(model, spec, init="from_dense")`` in place; the surgery report (each
-    layer's relative Frobenius error in ``row.error``, against the dense weight). Structured
-    layers are made dense first (:func:`densify`). Raises if no layer was replaced."""
+def project(
+    model: nn.Module,
+    spec: str,
+    *,
+    target_modules: Pattern = ALL_LINEAR,
+    exclude_modules: Pattern | None = None,
+) -> Any:
+    """``structurize(model, spec, init="from_dense", target_modules=..., exclude_modules=...)``
+    in place; the surgery report (each layer's relative Frobenius error in ``row.error``,
+    against the dense weight). Structured layers are made dense first (:func:`densify`); layers
+    not targeted stay dense and untouched. Raises if no layer was replaced."""
     densify(model)
-    report = structurize(model, spec, init="from_dense")
+    target_modules, exclude_modules = _listed(target_modules), _listed(exclude_modules)
+    _targeted(model, spec, target_modules, exclude_modules)  # the patterns, named, if no match
+    report = structurize(
+        model,
+        spec,
+        init="from_dense",
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
+    )
     if not report.totals()["layers"]:
         raise ValueError(
             f"compress: {spec!r} replaced no layer: the model has no linear layer to compress "
@@ -372,15 +456,25 @@ def _inputs(batch: Any) -> Any:
 @dataclass(frozen=True)
 class FinetuneOptions:
     """``steps`` AdamW steps at learning rate ``lr``; with ``distill``, the loss is
-    ``(1 - alpha) * CE + alpha * T^2 * KL`` against the dense model at temperature ``T``."""
+    ``(1 - alpha) * CE + alpha * T^2 * KL`` against the dense model at temperature ``T``.
+
+    ``lr_rule`` is ``"mup"`` (factor ``t`` of a structured layer with input width ``d_in`` and
+    ``n_f`` factors trains at ``lr * d_in / (n_f * fan_in_t)``, every other parameter at
+    ``lr``: :func:`finetune_groups`) or ``"plain"`` (every parameter at ``lr``)."""
 
     steps: int = 0
     lr: float = 1e-3
     distill: bool = False
     alpha: float = 0.5
     temperature: float = 2.0
+    lr_rule: str = "mup"
 
     def __post_init__(self) -> None:
+        if self.lr_rule not in LR_RULES:
+            raise ValueError(
+                f"compress: lr_rule must be one of {', '.join(LR_RULES)}, got "
+                f"{self.lr_rule!r}{suggest(self.lr_rule, LR_RULES)}"
+            )
         if self.steps < 0:
             raise ValueError(f"compress: steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
@@ -402,6 +496,23 @@ def distillation_loss(
     return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
 
 
+def finetune_groups(model: nn.Module, options: FinetuneOptions) -> list[dict[str, Any]]:
+    """AdamW parameter groups of ``model`` for ``options.lr_rule``.
+
+    ``"mup"``: ``structlin.mup.param_groups(model, lr, base=model, optimizer="adamw")``, the
+    structure-aware rule with the model as its own base, so ``d_in_base = d_in`` and factor
+    ``t`` of a layer with ``n_f`` factors gets ``lr_t = lr * d_in / (n_f * fan_in_t)``. A dense
+    layer, a vector or any other tensor keeps ``lr`` (its μP multiplier relative to its own
+    width is 1); only the split of the update between a structured layer's factors changes, as
+    in training (e.g. low-rank ``d -> r -> d``: ``lr / 2`` for ``A``, ``lr * d / (2 r)`` for
+    ``B``). ``"plain"``: one group, every parameter at ``lr``.
+    """
+    if options.lr_rule == "plain":
+        return [{"params": list(model.parameters()), "lr": options.lr}]
+    # The model is its own base: multipliers relative to the current widths, not a base width.
+    return param_groups(model, options.lr, base=model, optimizer="adamw", weight_decay=0.0)
+
+
 def finetune(
     model: nn.Module,
     batches: Iterator[Any],
@@ -412,7 +523,7 @@ def finetune(
     """Train ``model`` for ``options.steps`` steps on ``batches``; the loss of every step."""
     if options.distill and teacher is None:
         raise ValueError("finetune: distillation needs the dense teacher model")
-    opt = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(finetune_groups(model, options), lr=options.lr, weight_decay=0.0)
     model.train()
     losses = []
     for _ in range(options.steps):
@@ -479,14 +590,23 @@ def _data_for(
     return _text_data(text, int(source.config.vocab_size), device)
 
 
-def _resolve_spec(model: nn.Module, spec: str, params: float | None, macs: float | None) -> str:
+def _resolve_spec(
+    model: nn.Module,
+    spec: str,
+    params: float | None,
+    macs: float | None,
+    targets: dict[str, Any],
+) -> str:
+    """``spec``, or with a fraction the spec :func:`pick_size` picks over ``targets``'
+    layers (``{"target_modules": ..., "exclude_modules": ...}``)."""
     if params is not None and macs is not None:
         raise ValueError("compress: give a parameter fraction or a MAC fraction, not both")
     if params is None and macs is None:
         _checked_spec(spec)  # an unknown structure fails here, before any work
+        _targeted(model, spec, **targets)  # and a pattern that selects nothing
         return spec
     by, fraction = ("params", params) if params is not None else ("macs", macs)
-    return pick_size(model, spec, fraction, by=by)[0]
+    return pick_size(model, spec, fraction, by=by, **targets)[0]
 
 
 def compress(
@@ -496,6 +616,8 @@ def compress(
     *,
     params: float | None = None,
     macs: float | None = None,
+    target_modules: Pattern = ALL_LINEAR,
+    exclude_modules: Pattern | None = None,
     finetune_options: FinetuneOptions | None = None,
     text: TextOptions | None = None,
     device: str | torch.device = "cpu",
@@ -509,7 +631,11 @@ def compress(
         spec: the structure (``"btt:rank=4"``); with ``params``/``macs`` its size option
             must be left out: the fraction chooses it (:func:`pick_size`).
         params, macs: target fraction in (0, 1) of the replaced layers' parameters / MACs.
-        finetune_options: fine-tuning steps, learning rate and distillation.
+        target_modules, exclude_modules: which linear layers to compress, as in
+            ``structurize``: ``"all-linear"`` (all but the output head), a list of
+            names/suffixes, or a regex matched against full module names; the others stay
+            dense and bit-identical. A selection of no layer is an error naming the patterns.
+        finetune_options: fine-tuning steps, learning rate and its rule, and distillation.
         text: the text to fine-tune a transformers model on (a run uses its own data).
         device: where fine-tuning runs; the saved model is on the CPU.
         log: where the report and the losses are printed (None: silent).
@@ -521,12 +647,16 @@ def compress(
     dense = src.model.to(device).eval()
     student = copy.deepcopy(dense)
     densify(student)  # a structured source is projected from its dense weights
-    resolved = _resolve_spec(student, spec, params, macs)
+    targets = {
+        "target_modules": _listed(target_modules),
+        "exclude_modules": _listed(exclude_modules),
+    }
+    resolved = _resolve_spec(student, spec, params, macs, targets)
     needs_data = ft.steps > 0
     batches, loss_fn = _data_for(src, text, device) if needs_data else (None, None)
     probe = [next(batches) for _ in range(PROBE_BATCHES)] if needs_data else []
     losses = {"dense": mean_loss(dense, probe, loss_fn)} if needs_data else {}
-    report = project(student, resolved)
+    report = project(student, resolved, **targets)
     say(str(report))
     result = CompressResult(student, resolved, report, losses)
     if needs_data:

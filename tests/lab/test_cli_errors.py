@@ -266,6 +266,36 @@ CASES = [
         "not a directory",
     ),
     _case("compress-no-structure", "compress {run} {tmp}/out", 2, "--structure"),
+    _case(
+        "compress-target-matches-nothing",
+        "compress {run} {tmp}/out --structure btt --target nosuch",
+        2,
+        "replaced no layer",
+        "target_modules='nosuch'",
+        "blocks.0.mlp.c_fc",
+    ),
+    _case(
+        "compress-exclude-everything",
+        "compress {run} {tmp}/out --structure btt --params 0.5 --exclude .*",
+        2,
+        "replaced no layer",
+        "exclude_modules='.*'",
+    ),
+    _case(
+        "compress-target-bad-regex",
+        "compress {run} {tmp}/out --structure btt --target mlp.(",
+        2,
+        "'mlp.('",
+        "not a valid regular expression",
+    ),
+    _case(
+        "compress-bad-lr-rule",
+        "compress {run} {tmp}/out --structure btt --lr-rule mpu",
+        2,
+        "invalid choice",
+        "'mpu'",
+        "mup",
+    ),
 ]
 
 
