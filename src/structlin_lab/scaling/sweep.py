@@ -25,6 +25,9 @@ import fnmatch
 import json
 import math
 import os
+import signal
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -483,6 +486,28 @@ def run_one(
     )
 
 
+def stop_with_parent(parent_pid: int, poll_s: float = 1.0) -> threading.Thread:
+    """Watch, in a daemon thread, for this process's parent ``parent_pid`` to go away (killed,
+    crashed: the process is then re-parented) and send this process SIGTERM when it does, so
+    that a sweep worker stops its run as on a user's SIGTERM (the trainer checkpoints and
+    exits) instead of training on as an orphan that a restarted sweep would race with."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="stop-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
+def _run_in_worker(parent_pid: int, run: RunSpec, threads: int, tune_malloc: bool) -> dict:
+    """``run_one`` in a pool worker that stops when the sweep process dies."""
+    stop_with_parent(parent_pid)
+    return run_one(run, threads, False, tune_malloc)
+
+
 def run_sweep(
     sweep: Sweep,
     *,
@@ -529,7 +554,8 @@ def run_sweep(
 
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(run_one, r, threads, False, tune_malloc): r for r in todo}
+            me = os.getpid()
+            futures = {pool.submit(_run_in_worker, me, r, threads, tune_malloc): r for r in todo}
             say(f"started {len(todo)} runs, {jobs} at a time, {threads} threads each")
             for fut in as_completed(futures):
                 r = futures[fut]

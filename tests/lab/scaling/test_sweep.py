@@ -2,7 +2,9 @@
 
 import dataclasses
 import pickle
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -303,3 +305,41 @@ def test_slurm_function_is_picklable_and_callable(tmp_path, fake_cifar):
     (run,) = pickle.loads(pickle.dumps(sw.expand(s)))
     assert fn(run)["status"] == "finished"
     assert fn(run)["status"] == "skipped"
+
+
+_GRANDCHILD = """
+import os, signal, sys, time
+from pathlib import Path
+from structlin_lab.scaling.sweep import stop_with_parent
+out = Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: (out.joinpath("stopped").write_text("1"), sys.exit(0)))
+stop_with_parent(os.getppid(), poll_s=0.05)
+out.joinpath("ready").write_text("1")
+time.sleep(60)
+"""
+
+_PARENT = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX re-parenting and signals")
+def test_a_sweep_worker_stops_when_its_sweep_process_is_killed(tmp_path):
+    # A killed `structlin sweep` used to leave its workers training on as orphans, racing the
+    # runs of the next sweep started over the same folder.
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, _GRANDCHILD, str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "ready").exists(), "the worker never started"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "stopped").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "stopped").exists(), "the orphaned worker was not stopped"
+    finally:
+        parent.kill()
