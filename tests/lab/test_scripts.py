@@ -203,3 +203,44 @@ def test_gpu_cifar_study_tiny_cpu_slice_trains_fits_and_packs(tmp_path, fake_cif
         names = tar.getnames()
     assert sum(n.endswith("metrics.jsonl") for n in names) == 6
     assert not any("checkpoints" in n for n in names)
+
+
+@pytest.fixture(scope="module")
+def compression():
+    return _load("compression_study")
+
+
+def test_scratch_compute_to_reach_a_loss_interpolates_in_log_compute(compression):
+    curve = [
+        {"train_macs": 1e10, "test_loss": 3.0},
+        {"train_macs": 1e12, "test_loss": 2.0},
+        {"train_macs": 1e13, "test_loss": 1.5},
+    ]
+    assert compression._macs_to_reach(curve, 2.5) == pytest.approx(1e11)
+    assert compression._macs_to_reach(curve, 3.5) == 1e10  # reached at the first evaluation
+    assert compression._macs_to_reach(curve, 1.0) is None  # never reached
+
+
+@pytest.fixture(scope="module")
+def einsum_report():
+    pytest.importorskip("scipy")
+    return _load("report_einsum")
+
+
+@pytest.mark.parametrize(
+    ("spec", "taxonomy"),
+    [
+        ("dense", (0.0, 1.0, 1.0)),
+        ("einsum:theta=btt", (0.0, 1.0, 0.5)),
+        ("einsum:theta=kron", (0.5, 1.0, 0.5)),
+        ("einsum:theta=1/0/0/0/1/0/0.25", (0.0, 0.25, 0.25)),
+        ("einsum:theta=0.5/0.25/0.25/0.25/0.5/0.25/0,norm=rms_clamp", (0.25, 1.0, 0.5)),
+    ],
+)
+def test_the_theta_sweep_reads_each_points_taxonomy_from_its_spec(einsum_report, spec, taxonomy):
+    assert tuple(einsum_report.theta_of(spec)[1]) == pytest.approx(taxonomy)
+
+
+def test_spearman_is_the_rank_correlation(einsum_report):
+    assert einsum_report._spearman([1, 2, 3, 4], [10, 40, 90, 160]) == pytest.approx(1.0)
+    assert einsum_report._spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
