@@ -378,7 +378,7 @@ def _figure(dense: dict[str, Any], rows: list[dict[str, Any]], control: Any, fig
         xlabel="training MACs",
         ylabel="validation loss",
         title="from scratch (lines) vs compressed + fine-tuned (dots)",
-        ylim=(dense_loss - 0.1, dense_loss + 1.0),
+        ylim=(min(r["scratch"] for r in rows) - 0.05, dense_loss + 0.9),
     )
     left.legend(fontsize=6, ncol=3)
     right.legend(fontsize=6, ncol=2)
