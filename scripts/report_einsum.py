@@ -84,6 +84,7 @@ def theta_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             f = fits[g]
             table[g].update({f"b_{short}": f.b, f"b_{short}_se": f.b_stderr, f"n_{short}": f.n})
             table[g][f"mult_{short}"] = _interval(*mults[g]) if g in mults else "reference"
+            table[g][f"mult_{short}_x"] = mults[g][0] if g in mults else 1.0
             pts = points_by_structure(rows, y=y, by="group")[g]
             table[g][f"best_{short}"] = float(pts[1].min())
             table[g]["decades"] = float(math.log10(pts[0].max() / pts[0].min()))
@@ -91,8 +92,10 @@ def theta_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+    """Rank correlation, ties given their mean rank (many θ points share ω = 0 or ψ = 1)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
 
 
 def frontier_by_omega(rows: list[dict[str, Any]], root: Path) -> dict[str, Any]:
@@ -177,11 +180,13 @@ def figures(theta_rows, frontier, moe_rows, fig_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     cmap = plt.get_cmap("viridis")
     for g, (C, e) in points_by_structure(theta_rows, y="final_test_error", by="group").items():
-        omega = theta_of(next(r["structure"] for r in theta_rows if r["group"] == g))[1].omega
-        style = {"color": "k", "lw": 2} if g.startswith("dense") else {"color": cmap(omega * 1.6)}
+        tax = theta_of(next(r["structure"] for r in theta_rows if r["group"] == g))[1]
+        style = {"color": cmap(tax.omega * 1.6), "ls": "-" if tax.psi == 1 else "--"}
+        if g.startswith("dense"):
+            style = {"color": "k", "lw": 2}
         order = np.argsort(C)
         axes[0].plot(C[order], e[order], marker="o", ms=3, label=g, **style)
-    _label(axes[0], "final test error", "CIFAR-10 MLP, θ sweep (colour: ω)")
+    _label(axes[0], "final test error", "CIFAR-10 MLP, θ sweep (colour: ω; dashed: ψ < 1)")
     for key, f in frontier.items():
         axes[1].plot(f["C"], f["err"], marker=".", label=f"{key} (b={f['b'] or float('nan'):.3f})")
     _label(axes[1], "test error (frontier)", "compute-optimal frontier by parameter sharing ω")
@@ -227,13 +232,11 @@ def main(argv: list[str]) -> None:
     _print_rows("θ sweep: exponents b (error = a C^-b) and multipliers vs dense", table)
     structured = [t for t in table if t["group"] != "dense_w0_p1_n1"]
     for short in ("test", "train"):
-        b = [t[f"b_{short}"] for t in structured]
-        print(
-            f"Spearman({short} exponent, omega) = "
-            f"{_spearman(b, [t['omega'] for t in structured]):+.2f}, (…, psi) = "
-            f"{_spearman(b, [t['psi'] for t in structured]):+.2f}, (…, nu) = "
-            f"{_spearman(b, [t['nu'] for t in structured]):+.2f}"
-        )
+        for what in ("b", "mult"):  # the exponent, and the multiplier (error at fixed compute)
+            key = f"b_{short}" if what == "b" else f"mult_{short}_x"
+            values = [t[key] for t in structured]
+            corr = [_spearman(values, [t[x] for t in structured]) for x in ("omega", "psi", "nu")]
+            print(f"Spearman({short} {what}; ω, ψ, ν) = " + ", ".join(f"{v:+.2f}" for v in corr))
     frontier = frontier_by_omega(theta_rows, Path.cwd())
     for key, f in frontier.items():
         print(

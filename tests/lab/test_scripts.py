@@ -244,3 +244,9 @@ def test_the_theta_sweep_reads_each_points_taxonomy_from_its_spec(einsum_report,
 def test_spearman_is_the_rank_correlation(einsum_report):
     assert einsum_report._spearman([1, 2, 3, 4], [10, 40, 90, 160]) == pytest.approx(1.0)
     assert einsum_report._spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_spearman_gives_tied_values_their_mean_rank(einsum_report):
+    # ω is 0 for most θ points: with ties broken arbitrarily the correlation would depend on order
+    assert einsum_report._spearman([0, 0, 0.5], [1, 2, 3]) == pytest.approx(0.8660254)
+    assert einsum_report._spearman([0, 0, 0.5], [2, 1, 3]) == pytest.approx(0.8660254)
