@@ -168,8 +168,10 @@ def _cpu_attention_flops() -> dict[Any, Any]:
     """A FLOP formula for the CPU kernel of ``scaled_dot_product_attention``, which
     ``FlopCounterMode`` counts on CUDA but not on CPU: without it a CPU run's compute leaves out
     attention (``QK^T`` and ``AV``, the causal mask not discounted, as on CUDA)."""
-    from torch.utils.flop_counter import sdpa_flop_count
-
+    try:
+        from torch.utils.flop_counter import sdpa_flop_count
+    except ImportError:  # a torch without it: attention stays uncounted on CPU, as before
+        return {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
     def flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
