@@ -299,3 +299,12 @@ def test_report_shows_the_taxonomy_of_einsum_layers_only():
     assert "taxonomy" in str(report) and "omega=0.5 psi=1 nu=0.5" in str(report)
     plain = structurize(nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 10)), "btt", dry_run=True)
     assert plain[0].taxonomy == "" and "taxonomy" not in str(plain)
+
+
+@pytest.mark.parametrize("what", ["target_modules", "exclude_modules"])
+def test_a_pattern_that_is_not_a_regex_is_a_clear_error(what):
+    with pytest.raises(ValueError, match=rf"{what} 'mlp\.\(' is not a valid regular expression"):
+        select_targets(NAMES, "head", **{what: "mlp.("})
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        structurize(model, "btt", **{what: "mlp.("})

@@ -106,9 +106,9 @@ def select_targets(
     """
     all_linear = isinstance(target_modules, str) and target_modules == ALL_LINEAR
     target_keys, target_of = (
-        ([], lambda name: ALL_LINEAR) if all_linear else _matcher(target_modules)
+        ([], lambda name: ALL_LINEAR) if all_linear else _matcher(target_modules, "target_modules")
     )
-    _, excluded_by = _matcher(exclude_modules)
+    _, excluded_by = _matcher(exclude_modules, "exclude_modules")
     override_keys = list(overrides)
     used_targets: set[str | None] = set()
     used_overrides: set[str | None] = set()
@@ -137,12 +137,19 @@ def _name_matches(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def _matcher(pattern: Pattern | None) -> tuple[list[str], Callable[[str], str | None]]:
-    """Returns (pattern entries, predicate(name) -> matching entry or None)."""
+def _matcher(pattern: Pattern | None, what: str) -> tuple[list[str], Callable[[str], str | None]]:
+    """Returns (pattern entries, predicate(name) -> matching entry or None); ``what`` names the
+    argument in the error for a string that is not a valid regular expression."""
     if pattern is None:
         return [], lambda name: None
     if isinstance(pattern, str):
-        rx = re.compile(pattern)
+        try:
+            rx = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(
+                f"{what} {pattern!r} is not a valid regular expression ({err}); pass a regex "
+                f"matched against full module names, or a list of names"
+            ) from None
         return [pattern], lambda name: pattern if rx.fullmatch(name) else None
     keys = list(pattern)
 
