@@ -75,14 +75,20 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def _spec_for(structure: str, fraction: float) -> tuple[str, float]:
-    """The structure's size option giving ``fraction`` of the linear layers' params."""
-    from structlin_lab.compress import densify, pick_size
+def _model(spec: str) -> tuple[torch.nn.Module, Any]:
+    """The study's GPT-2 with ``spec``, built as the trainer builds it, and its config."""
     from structlin_lab.train import load_config
     from structlin_lab.train.build import build_model, shapes_only
 
-    cfg = load_config(ROOT / CONFIG, BASE_SETS)
-    model, _ = build_model(cfg, shapes_only(cfg, vocab=_vocab()), torch.device("cpu"))
+    cfg = load_config(ROOT / CONFIG, [*BASE_SETS, f"structure.spec={spec}"])
+    return build_model(cfg, shapes_only(cfg, vocab=_vocab()), torch.device("cpu"))[0], cfg
+
+
+def _spec_for(structure: str, fraction: float) -> tuple[str, float]:
+    """The structure's size option giving ``fraction`` of the linear layers' params."""
+    from structlin_lab.compress import densify, pick_size
+
+    model, _ = _model("dense")
     densify(model)  # the dense baseline's layers are DenseLinear, as in a trained run
     return pick_size(model, structure, fraction, by="params")
 
@@ -94,11 +100,9 @@ def _vocab() -> int:
 
 
 def _fwd_macs(spec: str) -> int:
-    from structlin_lab.train import load_config
-    from structlin_lab.train.build import build_model, forward_macs, shapes_only
+    from structlin_lab.train.build import forward_macs
 
-    cfg = load_config(ROOT / CONFIG, [*BASE_SETS, f"structure.spec={spec}"])
-    model, _ = build_model(cfg, shapes_only(cfg, vocab=_vocab()), torch.device("cpu"))
+    model, cfg = _model(spec)
     return forward_macs(model, torch.zeros(1, cfg.data.block_size, dtype=torch.long))
 
 
