@@ -3,13 +3,16 @@
     python scripts/report_einsum.py [--sync RUNS_DIR] [RESULTS_DIR] [FIGURES_DIR]
 
 ``--sync RUNS_DIR`` first copies config.yaml and metrics.jsonl of every run in
-RUNS_DIR/cifar10_mlp_einsum and RUNS_DIR/gpt2_austen_moe into RESULTS_DIR (default
-results/einsum) as cifar10_theta/ and gpt2_moe/. Then it prints, and writes as CSV/JSON:
+RUNS_DIR/cifar10_mlp_einsum, RUNS_DIR/gpt2_austen_einsum and RUNS_DIR/gpt2_austen_moe into
+RESULTS_DIR (default results/einsum) as cifar10_theta/, gpt2_theta/ and gpt2_moe/. Then it
+prints, and writes as CSV/JSON:
 
 * the θ sweep (CIFAR-10 MLP): each θ point's taxonomy (ω, ψ, ν), its power-law exponent of
   test and train error against training MACs, with standard error, and its compute multiplier
   against dense with a bootstrap interval; the exponents' rank correlation with ω and ψ; the
   compute-optimal frontier of ω = 0 points against ω > 0 points;
+* the θ sweep (GPT-2 on Austen, characters): the same table for validation loss (seeds averaged
+  per width before fitting), the seed-to-seed spread per width, and the rank correlations;
 * the MoE comparison (GPT-2 on Austen): validation loss against active training MACs for dense,
   a top-2-of-8 dense MoE, BTT rank 2 and BTT-MoE (8 experts, top 2), fits and multipliers.
 
@@ -28,6 +31,7 @@ import numpy as np
 
 from structlin.taxonomy import parse_theta
 from structlin_lab.scaling import (
+    bootstrap_multiplier,
     collect_runs,
     compute_frontier,
     compute_multipliers,
@@ -39,7 +43,13 @@ from structlin_lab.scaling import (
 )
 from structlin_lab.train import load_config
 
-STUDIES = {"cifar10_theta": "cifar10_mlp_einsum", "gpt2_moe": "gpt2_austen_moe"}
+STUDIES = {
+    "cifar10_theta": "cifar10_mlp_einsum",
+    "gpt2_theta": "gpt2_austen_einsum",
+    "gpt2_moe": "gpt2_austen_moe",
+}
+CIFAR_Y = {"test": "final_test_error", "train": "final_train_error"}
+GPT2_Y = {"test": "final_test_loss", "train": "final_train_loss"}
 MOE_GROUPS = ["dense", "dense_moe", "btt", "btt_moe"]
 
 
@@ -67,28 +77,79 @@ def _interval(m: float, lo: float, hi: float) -> str:
     return f"{m:.2f}x [{lo:.2g}, {hi:.2g}]" + (" (undetermined)" if wide else "")
 
 
-def theta_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per θ point: taxonomy, exponents (test and train error), multipliers."""
-    groups = sorted({r["group"] for r in rows}, key=lambda g: (g != "dense_w0_p1_n1", g))
+def run_points(rows: list[dict[str, Any]], y: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{group: (training MACs, y)}`` with one point per finished run, every seed kept, so
+    that fits and bootstrap intervals see the seed-to-seed noise (with one seed per width this
+    is the one point per width of ``points_by_structure``)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        C, v = r.get("train_macs"), r.get(y)
+        if r.get("status") == "finished" and isinstance(C, float) and isinstance(v, float):
+            out.setdefault(r["group"], []).append((C, v))
+    return {g: tuple(np.array(c) for c in zip(*sorted(p), strict=True)) for g, p in out.items()}
+
+
+def theta_table(
+    rows: list[dict[str, Any]], ys: dict[str, str], reference: str
+) -> list[dict[str, Any]]:
+    """One row per θ point: taxonomy, and for each metric of ``ys`` (short name -> column) the
+    power-law exponent with its standard error and the compute multiplier against
+    ``reference`` with its bootstrap interval, all fitted to every finished run."""
+    groups = sorted({r["group"] for r in rows}, key=lambda g: (g != reference, g))
     table = {g: {"group": g} for g in groups}
     for g in groups:
         spec = next(r["structure"] for r in rows if r["group"] == g)
         theta, tax = theta_of(spec)
         table[g].update(theta=str(theta), omega=tax.omega, psi=tax.psi, nu=tax.nu)
-    for y in ("final_test_error", "final_train_error"):
-        fits = fit_by_structure(rows, y=y, by="group")
-        ref = "dense_w0_p1_n1"
-        _, mults = compute_multipliers(rows, reference=ref, y=y, by="group", n_boot=2000)
-        short = y.split("_")[1]
+    for short, y in ys.items():
+        points = run_points(rows, y)
         for g in groups:
-            f = fits[g]
-            table[g].update({f"b_{short}": f.b, f"b_{short}_se": f.b_stderr, f"n_{short}": f.n})
-            table[g][f"mult_{short}"] = _interval(*mults[g]) if g in mults else "reference"
-            table[g][f"mult_{short}_x"] = mults[g][0] if g in mults else 1.0
-            pts = points_by_structure(rows, y=y, by="group")[g]
-            table[g][f"best_{short}"] = float(pts[1].min())
-            table[g]["decades"] = float(math.log10(pts[0].max() / pts[0].min()))
+            table[g].update(_fit_columns(points, g, reference, short))
     return list(table.values())
+
+
+def _fit_columns(points: dict, group: str, reference: str, short: str) -> dict[str, Any]:
+    """Exponent, multiplier against ``reference`` (at the reference fit's value at its largest
+    compute) and the best run of one θ point; NaN / "n/a" below 3 distinct widths."""
+    nan = float("nan")
+    C, v = points.get(group, (np.array([nan]), np.array([nan])))
+    out = {f"n_{short}": int(np.isfinite(C).sum()), f"best_{short}": float(np.nanmin(v))}
+    out["decades"] = float(np.log10(np.nanmax(C) / np.nanmin(C)))
+    if np.unique(C).size < 3:
+        return out | {
+            f"b_{short}": nan,
+            f"b_{short}_se": nan,
+            f"mult_{short}": "n/a",
+            f"mult_{short}_x": nan,
+        }
+    fit = fit_power_law(C, v)
+    out |= {f"b_{short}": fit.b, f"b_{short}_se": fit.b_stderr}
+    if group == reference:
+        return out | {f"mult_{short}": "reference", f"mult_{short}_x": 1.0}
+    C_ref, v_ref = points[reference]
+    level = float(fit_power_law(C_ref, v_ref).predict(np.array([C_ref.max()]))[0])
+    m = bootstrap_multiplier(points[reference], (C, v), level, n_boot=2000)
+    return out | {f"mult_{short}": _interval(*m), f"mult_{short}_x": m[0]}
+
+
+def seed_spread(rows: list[dict[str, Any]], y: str) -> list[dict[str, Any]]:
+    """Per (θ point, width): the number of finished seeds, their mean ``y`` and its sample
+    standard deviation (NaN with one seed): how far one run is from another, the noise any
+    difference between θ points has to beat."""
+    cells: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        if r.get("status") == "finished" and isinstance(r.get(y), float):
+            cells.setdefault((r["group"], int(r["width"])), []).append(r[y])
+    return [
+        {
+            "group": g,
+            "width": w,
+            "seeds": len(v),
+            "mean": float(np.mean(v)),
+            "sd": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
+        }
+        for (g, w), v in sorted(cells.items())
+    ]
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -98,16 +159,20 @@ def _spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def frontier_by_omega(rows: list[dict[str, Any]], root: Path) -> dict[str, Any]:
-    """The compute-optimal frontier of test error over every evaluation of every run, pooled
-    over the θ points with ω = 0 and, separately, with ω > 0 (dense on its own)."""
+def frontier_by_omega(
+    rows: list[dict[str, Any]], root: Path, metric: str = "test_error"
+) -> dict[str, Any]:
+    """The compute-optimal frontier of ``metric`` (``test_error`` or ``test_loss``) over every
+    evaluation of every run, pooled over the θ points with ω = 0 and, separately, with ω > 0
+    (dense on its own)."""
     classes: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for r in rows:
         omega = theta_of(r["structure"])[1].omega
         key = "dense" if r["structure"] == "dense" else ("omega=0" if omega == 0 else "omega>0")
         hist = read_metrics(root / r["path"])
+        hist = [h for h in hist if "test_acc" in h or "test_loss" in h]
         C = np.array([h["train_macs"] for h in hist])
-        e = np.array([1 - h["test_acc"] for h in hist])
+        e = np.array([1 - h["test_acc"] if metric == "test_error" else h[metric] for h in hist])
         classes.setdefault(key, []).append((C, e))
     out = {}
     for key, hs in classes.items():
@@ -169,32 +234,29 @@ def _max_fraction(metrics: dict[str, Any]) -> float | None:
     return None if value is None else float(value)
 
 
-def figures(theta_rows, frontier, moe_rows, fig_dir: Path) -> list[Path]:
-    """Test error against compute per θ point coloured by ω, the frontiers by ω, and GPT-2
-    validation loss against active training compute per MoE group."""
+def figures(cifar, gpt2, moe_rows, fig_dir: Path) -> list[Path]:
+    """A 2 x 2 figure: CIFAR-10 test error against compute per θ point, the CIFAR frontiers by
+    ω, GPT-2 validation loss per θ point (seed means, bars one standard deviation) and GPT-2
+    validation loss per MoE group. ``cifar`` and ``gpt2`` are ``(rows, frontier)`` pairs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    cmap = plt.get_cmap("viridis")
-    for g, (C, e) in points_by_structure(theta_rows, y="final_test_error", by="group").items():
-        tax = theta_of(next(r["structure"] for r in theta_rows if r["group"] == g))[1]
-        style = {"color": cmap(tax.omega * 1.6), "ls": "-" if tax.psi == 1 else "--"}
-        if g.startswith("dense"):
-            style = {"color": "k", "lw": 2}
-        order = np.argsort(C)
-        axes[0].plot(C[order], e[order], marker="o", ms=3, label=g, **style)
-    _label(axes[0], "final test error", "CIFAR-10 MLP, θ sweep (colour: ω; dashed: ψ < 1)")
-    for key, f in frontier.items():
-        axes[1].plot(f["C"], f["err"], marker=".", label=f"{key} (b={f['b'] or float('nan'):.3f})")
-    _label(axes[1], "test error (frontier)", "compute-optimal frontier by parameter sharing ω")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    _theta_panel(axes[0, 0], cifar[0], "final_test_error")
+    _label(axes[0, 0], "final test error", "CIFAR-10 MLP, θ sweep (colour: ω; dashed: ψ < 1)")
+    for key, f in cifar[1].items():
+        b = f["b"] if f["b"] is not None else float("nan")
+        axes[0, 1].plot(f["C"], f["err"], marker=".", label=f"{key} (b={b:.3f})")
+    _label(axes[0, 1], "test error (frontier)", "CIFAR-10: compute-optimal frontier by ω")
+    _theta_panel(axes[1, 0], gpt2[0], "final_test_loss")
+    _label(axes[1, 0], "validation loss (nats/char)", "GPT-2 on Austen, θ sweep (seed means)")
     for g in MOE_GROUPS:
         pts = sorted((r["train_macs"], r["val_loss"]) for r in moe_rows if r["group"] == g)
         if pts:
-            axes[2].plot(*zip(*pts, strict=True), marker="o", label=g)
-    _label(axes[2], "validation loss (nats/char)", "GPT-2 on Austen, MoE at matched active MACs")
+            axes[1, 1].plot(*zip(*pts, strict=True), marker="o", label=g)
+    _label(axes[1, 1], "validation loss (nats/char)", "GPT-2 on Austen, MoE at matched MACs")
     fig.tight_layout()
     fig_dir.mkdir(parents=True, exist_ok=True)
     paths = [fig_dir / f"einsum_study.{ext}" for ext in ("png", "pdf")]
@@ -202,6 +264,32 @@ def figures(theta_rows, frontier, moe_rows, fig_dir: Path) -> list[Path]:
         fig.savefig(p, dpi=130)
     plt.close(fig)
     return paths
+
+
+def _theta_panel(ax: Any, rows: list[dict[str, Any]], y: str) -> None:
+    """One line per θ point (seed means per width; bars: seed standard deviation), coloured by
+    ω, dashed where ψ < 1, dense in black."""
+    import matplotlib.pyplot as plt
+
+    spread = {(c["group"], c["width"]): c["sd"] for c in seed_spread(rows, y)}
+    macs = {(r["group"], int(r["width"])): r["train_macs"] for r in rows}
+    for g, (C, v) in points_by_structure(rows, y=y, by="group").items():
+        tax = theta_of(next(r["structure"] for r in rows if r["group"] == g))[1]
+        style = {"color": plt.get_cmap("viridis")(tax.omega * 1.6)}
+        style["ls"] = "-" if tax.psi == 1 else "--"
+        if g.startswith("dense"):
+            style = {"color": "k", "lw": 2}
+        sd = [_sd_at(spread, macs, g, c) for c in C]
+        ax.errorbar(C, v, yerr=sd, marker="o", ms=3, capsize=2, label=g, **style)
+
+
+def _sd_at(spread: dict, macs: dict, group: str, C: float) -> float:
+    """The seed spread of the width whose training MACs are ``C`` (0 where unknown)."""
+    for (g, w), m in macs.items():
+        if g == group and math.isclose(m, C, rel_tol=1e-6):
+            sd = spread.get((g, w), float("nan"))
+            return 0.0 if math.isnan(sd) else sd
+    return 0.0
 
 
 def _label(ax: Any, ylabel: str, title: str) -> None:
@@ -219,6 +307,28 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def report_theta(rows: list[dict[str, Any]], ys: dict[str, str], reference: str, title: str):
+    """Print the θ table and the exponents' and multipliers' rank correlations with ω, ψ, ν."""
+    table = theta_table(rows, ys, reference)
+    _print_rows(f"{title}: exponents b (y = a C^-b) and multipliers vs {reference}", table)
+    structured = [t for t in table if t["group"] != reference and math.isfinite(t["mult_test_x"])]
+    for short in ys:
+        for what in ("b", "mult"):  # the exponent, and the multiplier (y at fixed compute)
+            key = f"b_{short}" if what == "b" else f"mult_{short}_x"
+            values = [t[key] for t in structured]
+            corr = [_spearman(values, [t[x] for t in structured]) for x in ("omega", "psi", "nu")]
+            print(f"Spearman({short} {what}; ω, ψ, ν) = " + ", ".join(f"{v:+.2f}" for v in corr))
+    return table
+
+
+def _print_frontier(frontier: dict[str, Any]) -> None:
+    for key, f in frontier.items():
+        print(
+            f"frontier {key}: {len(f['C'])} points, b={f['b']}, se={f['b_se']}, "
+            f"best {min(f['err']):.4f}"
+        )
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--sync"]:
         runs, argv = Path(argv[1]), argv[2:]
@@ -226,23 +336,19 @@ def main(argv: list[str]) -> None:
         sync(runs, results)
     results = Path(argv[0]) if argv else Path("results/einsum")
     fig_dir = Path(argv[1]) if len(argv) > 1 else Path("docs/figures")
-    theta_rows = collect_runs([results / "cifar10_theta"])
-    table = theta_table(theta_rows)
+    cifar_rows = collect_runs([results / "cifar10_theta"])
+    table = report_theta(cifar_rows, CIFAR_Y, "dense_w0_p1_n1", "CIFAR-10 θ sweep")
     write_table(table, results / "cifar10_theta.csv", results / "cifar10_theta.json")
-    _print_rows("θ sweep: exponents b (error = a C^-b) and multipliers vs dense", table)
-    structured = [t for t in table if t["group"] != "dense_w0_p1_n1"]
-    for short in ("test", "train"):
-        for what in ("b", "mult"):  # the exponent, and the multiplier (error at fixed compute)
-            key = f"b_{short}" if what == "b" else f"mult_{short}_x"
-            values = [t[key] for t in structured]
-            corr = [_spearman(values, [t[x] for t in structured]) for x in ("omega", "psi", "nu")]
-            print(f"Spearman({short} {what}; ω, ψ, ν) = " + ", ".join(f"{v:+.2f}" for v in corr))
-    frontier = frontier_by_omega(theta_rows, Path.cwd())
-    for key, f in frontier.items():
-        print(
-            f"frontier {key}: {len(f['C'])} points, b={f['b']}, se={f['b_se']}, "
-            f"best {min(f['err']):.4f}"
-        )
+    cifar_frontier = frontier_by_omega(cifar_rows, Path.cwd())
+    _print_frontier(cifar_frontier)
+    gpt2_rows = collect_runs([results / "gpt2_theta"])
+    table = report_theta(gpt2_rows, GPT2_Y, "dense", "GPT-2 θ sweep (validation loss)")
+    write_table(table, results / "gpt2_theta.csv", results / "gpt2_theta.json")
+    spread = seed_spread(gpt2_rows, "final_test_loss")
+    write_table(spread, results / "gpt2_theta_seeds.csv", results / "gpt2_theta_seeds.json")
+    _print_rows("GPT-2 θ sweep: validation loss per width over seeds", spread)
+    gpt2_frontier = frontier_by_omega(gpt2_rows, Path.cwd(), metric="test_loss")
+    _print_frontier(gpt2_frontier)
     moe_rows, moe_summary = moe_table(collect_runs([results / "gpt2_moe"]))
     write_table(moe_rows, results / "gpt2_moe.csv", results / "gpt2_moe.json")
     _print_rows("GPT-2 MoE comparison (per run)", moe_rows)
@@ -250,7 +356,8 @@ def main(argv: list[str]) -> None:
         "GPT-2 MoE fits (val loss = a C^-b) and multipliers vs dense",
         [{"group": g, **s} for g, s in moe_summary.items()],
     )
-    print("wrote", *figures(theta_rows, frontier, moe_rows, fig_dir))
+    paths = figures((cifar_rows, cifar_frontier), (gpt2_rows, gpt2_frontier), moe_rows, fig_dir)
+    print("wrote", *paths)
 
 
 if __name__ == "__main__":

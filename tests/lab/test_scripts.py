@@ -250,3 +250,55 @@ def test_spearman_gives_tied_values_their_mean_rank(einsum_report):
     # ω is 0 for most θ points: with ties broken arbitrarily the correlation would depend on order
     assert einsum_report._spearman([0, 0, 0.5], [1, 2, 3]) == pytest.approx(0.8660254)
     assert einsum_report._spearman([0, 0, 0.5], [2, 1, 3]) == pytest.approx(0.8660254)
+
+
+def _theta_rows(group: str, spec: str, shift: float, widths, seeds=(0, 1, 2), noise=0.01):
+    """Finished runs whose loss is 10 (shift * C)^-0.1, times a per-seed wobble."""
+    rows = []
+    for i, w in enumerate(widths):
+        C = 1e12 * 2.0**i
+        for s in seeds:
+            loss = 10 * (shift * C) ** -0.1 * (1 + noise * (s - 1))
+            rows.append(
+                {
+                    "group": group,
+                    "structure": spec,
+                    "width": w,
+                    "seed": s,
+                    "status": "finished",
+                    "train_macs": C,
+                    "final_test_loss": loss,
+                }
+            )
+    return rows
+
+
+def test_seed_spread_gives_each_width_its_seed_mean_and_standard_deviation(einsum_report):
+    rows = _theta_rows("dense", "dense", 1.0, [96, 128])
+    rows[-1]["status"] = "running"  # left out: only finished runs count
+    spread = einsum_report.seed_spread(rows, "final_test_loss")
+    assert [(c["width"], c["seeds"]) for c in spread] == [(96, 3), (128, 2)]
+    losses = [r["final_test_loss"] for r in rows[:3]]
+    assert spread[0]["mean"] == pytest.approx(sum(losses) / 3)
+    assert spread[0]["sd"] == pytest.approx(10 * 1e12**-0.1 * 0.01, rel=1e-9)
+    one = einsum_report.seed_spread(rows[:1], "final_test_loss")
+    assert one[0]["seeds"] == 1 and math.isnan(one[0]["sd"])
+
+
+def test_theta_table_fits_every_seed_and_reads_the_multiplier_against_dense(einsum_report):
+    rows = _theta_rows("dense", "dense", 1.0, [96, 128, 192, 256])
+    rows += _theta_rows("btt", "einsum:theta=btt", 4.0, [128, 192, 256, 512])
+    rows += _theta_rows("tt", "einsum:theta=tt", 2.0, [128, 192])  # too few widths to fit
+    points = einsum_report.run_points(rows, "final_test_loss")
+    assert points["btt"][0].size == 12  # every seed is a point of its own
+    table = {
+        t["group"]: t for t in einsum_report.theta_table(rows, {"test": "final_test_loss"}, "dense")
+    }
+    assert list(table) == ["dense", "btt", "tt"]
+    assert table["btt"]["b_test"] == pytest.approx(0.1, abs=2e-3)
+    assert table["btt"]["b_test_se"] > 0  # the seed wobble is noise the fit sees
+    assert table["btt"]["mult_test_x"] == pytest.approx(4.0, rel=0.05)
+    assert table["btt"]["omega"] == 0 and table["btt"]["nu"] == 0.5
+    assert table["dense"]["mult_test"] == "reference"
+    assert table["tt"]["mult_test"] == "n/a" and math.isnan(table["tt"]["b_test"])
+    assert table["tt"]["n_test"] == 6
