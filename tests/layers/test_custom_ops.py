@@ -113,6 +113,32 @@ def test_per_sample_gradients_with_torch_func(spec, d):
             torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-5)
 
 
+def _grads(layer, x):
+    layer.zero_grad()
+    xr = x.clone().requires_grad_()
+    y = layer(xr)
+    y.sin().sum().backward()
+    return [y.detach(), xr.grad, *(p.grad for p in layer.parameters())]
+
+
+@pytest.mark.parametrize(("spec", "d"), LAYERS, ids=[s for s, _ in LAYERS])
+def test_plain_eager_calls_skip_the_op_and_match_it(spec, d, monkeypatch):
+    """Unobserved eager calls take the direct autograd.Function; where torch cannot say whether
+    a torch.func transform is active, every call takes the op, with the same numbers."""
+    layer, x = _layer(spec, d), torch.randn(6, d)
+    calls = []
+    apply = ops._EagerBTT2.apply
+    monkeypatch.setattr(ops._EagerBTT2, "apply", lambda *a: calls.append(1) or apply(*a))
+    eager = _grads(layer, x)
+    assert calls, "a plain eager call went through the op's dispatch layers"
+    calls.clear()
+    monkeypatch.setattr(ops, "_transforms_active", lambda: True)
+    through_op = _grads(layer, x)
+    assert not calls
+    for a, b in zip(eager, through_op, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(("spec", "d"), LAYERS, ids=[s for s, _ in LAYERS])
 def test_vmap_forward_and_input_gradient(spec, d):
     layer = _layer(spec, d)

@@ -350,6 +350,9 @@ class _EagerBTT2(torch.autograd.Function):
         return _backward(ctx, grad, None, direct=True)
 
 
+# torch offers no public query for "a torch.func transform is active" (its own autograd.Function
+# machinery asks this private one). Where it is missing or renamed, every call takes the op:
+# slower by the dispatch layers, never wrong (tests/layers/test_custom_ops.py checks both routes).
 try:
     _transforms_active = torch._C._are_functorch_transforms_active
 except AttributeError:  # a torch without the query: assume a transform may be active
