@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import structlin as sl
+from lm_cases import TEXT, tiny_lm_config
 from structlin_lab import load_exported, load_run
 from structlin_lab.cli import main
 from structlin_lab.compress import (
@@ -24,38 +25,14 @@ from structlin_lab.compress import (
     size_candidates,
 )
 from structlin_lab.models.gpt2 import GPT2, GPTConfig
-from structlin_lab.train import Trainer, load_config
-
-TEXT = "the quick brown fox jumps over the lazy dog. " * 100
+from structlin_lab.train import Trainer
 
 
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
     """A dense character-level GPT-2 trained for a few steps (1-2 s)."""
     tmp = tmp_path_factory.mktemp("dense_run")
-    (tmp / "t.txt").write_text(TEXT)
-    cfg = load_config(
-        None,
-        [
-            "task=lm",
-            "model.name=gpt2",
-            "model.width=32",
-            "model.base_width=16",
-            "model.depth=1",
-            "model.kwargs={d_head: 8}",
-            f"data.source={tmp / 't.txt'}",
-            f"data.root={tmp / 'cache'}",
-            "data.tokenizer=char",
-            "data.block_size=16",
-            "data.batch_size=8",
-            "data.eval_batches=1",
-            "train.steps=20",
-            "train.eval_every=20",
-            "train.progress=false",
-            "optim.name=adamw",
-            "optim.lr=1e-2",
-        ],
-    )
+    cfg = tiny_lm_config(tmp)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -295,7 +272,7 @@ def test_a_dense_transformers_directory(tmp_path):
     )
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
-    (tmp_path / "t.txt").write_text(TEXT)
+    (tmp_path / "t.txt").write_text(TEXT * 100)
     text = TextOptions(str(tmp_path / "t.txt"), cache_dir=str(tmp_path / "cache"), block_size=16)
     ft = FinetuneOptions(steps=10, lr=3e-3, distill=True)
     result = compress(

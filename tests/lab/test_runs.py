@@ -9,38 +9,15 @@ import pytest
 import torch
 
 import structlin as sl
+from lm_cases import tiny_lm_config
 from structlin_lab import export_run, load_exported, load_run
 from structlin_lab.cli import main
-from structlin_lab.train import Trainer, load_config
+from structlin_lab.train import Trainer
 from structlin_lab.train.build import model_at_width
 
 
 def _lm_config(tmp, *extra):
-    text = tmp / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 100)
-    return load_config(
-        None,
-        [
-            "task=lm",
-            "model.name=gpt2",
-            "model.width=32",
-            "model.base_width=16",
-            "model.depth=1",
-            "model.kwargs={d_head: 8}",
-            f"data.source={text}",
-            f"data.root={tmp / 'cache'}",
-            "data.tokenizer=char",
-            "data.block_size=16",
-            "data.batch_size=4",
-            "data.eval_batches=1",
-            "train.steps=6",
-            "train.eval_every=6",
-            "train.progress=false",
-            "optim.name=adamw",
-            "optim.lr=1e-2",
-            *extra,
-        ],
-    )
+    return tiny_lm_config(tmp, "data.batch_size=4", "train.steps=6", "train.eval_every=6", *extra)
 
 
 @pytest.fixture(scope="module")

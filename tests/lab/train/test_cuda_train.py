@@ -23,33 +23,23 @@ def test_trainer_runs_on_cuda_with_bf16_autocast(tiny_config, tmp_path):
 
 
 def test_gpt2_btt_weight_norm_trains_on_cuda(tmp_path):
-    from structlin_lab.train import Trainer, load_config
+    from lm_cases import tiny_lm_config
+    from structlin_lab.train import Trainer
 
-    text = tmp_path / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
-    cfg = load_config(
-        None,
-        [
-            "task=lm",
-            "model.name=gpt2",
-            "model.width=64",
-            "model.base_width=32",
-            "model.depth=2",
-            "model.kwargs={d_head: 16}",
-            "structure.spec=btt:rank=2,norm=rms_clamp",
-            f"data.source={text}",
-            f"data.root={tmp_path / 'cache'}",
-            "data.tokenizer=char",
-            "data.block_size=32",
-            "data.batch_size=16",
-            "data.eval_batches=2",
-            "train.steps=60",
-            "train.eval_every=20",
-            "train.progress=false",
-            "train.device=cuda",
-            "optim.name=adamw",
-            "optim.lr=1e-2",
-        ],
+    cfg = tiny_lm_config(
+        tmp_path,
+        "model.width=64",
+        "model.base_width=32",
+        "model.depth=2",
+        "model.kwargs={d_head: 16}",
+        "structure.spec=btt:rank=2,norm=rms_clamp",
+        "data.block_size=32",
+        "data.batch_size=16",
+        "data.eval_batches=2",
+        "train.steps=60",
+        "train.eval_every=20",
+        "train.device=cuda",
+        repeats=400,
     )
     result = Trainer(cfg, tmp_path / "lm", log=None).fit()
     assert result["status"] == "finished"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from train_helpers import after_step, rows
 
+from lm_cases import tiny_lm_config
 from structlin_lab.train import Trainer, TrainingDiverged, load_config
 from structlin_lab.train.checkpoint import load_checkpoint
 
@@ -112,29 +113,8 @@ def test_run_directory_protection(fake_cifar, tmp_path, tiny_config):
 
 
 def test_language_model_task(tmp_path):
-    text = tmp_path / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    c = load_config(
-        None,
-        [
-            "task=lm",
-            "model.name=gpt2",
-            "model.width=32",
-            "model.base_width=16",
-            "model.depth=1",
-            "model.kwargs={d_head: 8}",
-            f"data.source={text}",
-            f"data.root={tmp_path / 'cache'}",
-            "data.tokenizer=char",
-            "data.block_size=16",
-            "data.batch_size=8",
-            "data.eval_batches=2",
-            "train.steps=30",
-            "train.eval_every=10",
-            "train.progress=false",
-            "optim.name=adamw",
-            "optim.lr=1e-2",
-        ],
+    c = tiny_lm_config(
+        tmp_path, "data.eval_batches=2", "train.steps=30", "train.eval_every=10", repeats=200
     )
     Trainer(c, tmp_path / "lm", log=None).fit()
     r = rows(tmp_path / "lm")
@@ -214,29 +194,12 @@ def test_checkpoint_holds_only_tensors_and_plain_values(fake_cifar, tmp_path, ti
 def test_moe_language_model_adds_and_logs_its_auxiliary_losses(tmp_path):
     """A GPT-2 with mixture-of-experts FFNs: the trainer adds the collected aux loss to the task
     loss and logs it with the experts' utilisation at every evaluation."""
-    text = tmp_path / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    c = load_config(
-        None,
-        [
-            "task=lm",
-            "model.name=gpt2",
-            "model.width=32",
-            "model.base_width=16",
-            "model.depth=1",
-            "model.kwargs={d_head: 8, mlp: moe, n_experts: 4, top_k: 2}",
-            f"data.source={text}",
-            f"data.root={tmp_path / 'cache'}",
-            "data.tokenizer=char",
-            "data.block_size=16",
-            "data.batch_size=8",
-            "data.eval_batches=2",
-            "train.steps=20",
-            "train.eval_every=10",
-            "train.progress=false",
-            "optim.name=adamw",
-            "optim.lr=1e-2",
-        ],
+    c = tiny_lm_config(
+        tmp_path,
+        "model.kwargs={d_head: 8, mlp: moe, n_experts: 4, top_k: 2}",
+        "data.eval_batches=2",
+        "train.eval_every=10",
+        repeats=200,
     )
     trainer = Trainer(c, tmp_path / "moe", log=None)
     trainer.fit()
