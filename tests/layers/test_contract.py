@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -406,3 +407,23 @@ def test_factor_fans_must_match_the_stored_shapes():
     missing = {"_factor_fans": lambda self: [("v", 4, 3)]}
     with pytest.raises(AttributeError, match="v"):
         _half_structure(**missing, **matmul)(4, 3)
+
+
+PRE_CONTRACT = Path(__file__).parents[1] / "data" / "pre_contract_layers.pt"
+
+
+@pytest.mark.parametrize(
+    "spec", ["btt:rank=2,norm=rms_clamp", "monarch:blocks=4", "tt:rank=2", "kron"]
+)
+def test_state_dicts_from_before_the_contract_load_and_compute_the_same(spec):
+    # Saved by the code before the layer contract (commit 83c9fd7^), which named the core tensors
+    # ``cores.N``: a model inside a container, strict, must load them and give the same outputs.
+    saved = torch.load(PRE_CONTRACT, weights_only=True)[spec]
+    assert any(k.startswith("cores.") for k in saved["state"])
+    model = torch.nn.Sequential(make_linear(spec, 64, 48))
+    model.load_state_dict({f"0.{k}": v for k, v in saved["state"].items()}, strict=True)
+    torch.testing.assert_close(model(saved["x"]), saved["y"], rtol=1e-5, atol=1e-6)
+    assert all(k.startswith(("0.weights.", "0.bias", "0.gammas.")) for k in model.state_dict())
+    fresh = make_linear(spec, 64, 48)
+    fresh.load_state_dict(model[0].state_dict(), strict=True)  # today's names load unchanged
+    torch.testing.assert_close(fresh(saved["x"]), saved["y"], rtol=1e-5, atol=1e-6)

@@ -545,6 +545,17 @@ class StructuredLinear(nn.Module):
         """Forward MACs per example of the ``nn.Linear`` this layer replaces."""
         return self.in_features * self.out_features
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # Before 0.1's layer contract the core tensors were named ``cores.N``; renaming them here
+        # lets those state dicts and training checkpoints load (same shapes, same layout).
+        if isinstance(getattr(self, "weights", None), nn.ParameterList):
+            old = prefix + "cores."
+            for key in [k for k in state_dict if k.startswith(old)]:
+                new_key = prefix + "weights." + key[len(old) :]
+                if new_key not in state_dict:
+                    state_dict[new_key] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}"]
         parts.append(f"bias={self.bias is not None}")
