@@ -259,6 +259,27 @@ class Trainer:
             save_checkpoint(self.ckpt_path, state)
         return self.ckpt_path
 
+    def _check_checkpoint_config(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another config. The config it stores is read with today's
+        fields and defaults, so a checkpoint written before a config field was added still
+        resumes; only one without a stored config falls back to the stored hash."""
+        saved = state.get("config")
+        try:
+            same = (
+                config_hash(Config.from_dict(saved)) == config_hash(self.cfg)
+                if isinstance(saved, dict)
+                else state.get("config_hash") == config_hash(self.cfg)
+            )
+        except ValueError as e:  # a field this version no longer has
+            raise ValueError(
+                f"cannot resume {self.out}: its checkpoint's config does not read in this "
+                f"version of structlin ({e}); start a new run directory"
+            ) from e
+        if not same:
+            raise ValueError(
+                f"cannot resume {self.out}: the checkpoint was written with a different config"
+            )
+
     def _load(self) -> None:
         # Load on CPU: RNG states must stay CPU ByteTensors, and load_state_dict moves the
         # model's and optimizer's tensors to their parameters' device anyway.
@@ -275,10 +296,7 @@ class Trainer:
                 f"cannot resume {self.out}: {self.ckpt_path} is not a structlin training "
                 f"checkpoint; pass --overwrite to start again"
             )
-        if state.get("config_hash") != config_hash(self.cfg):
-            raise ValueError(
-                f"cannot resume {self.out}: the checkpoint was written with a different config"
-            )
+        self._check_checkpoint_config(state)
         if self.sharded:
             load_sharded(self.ckpt_path.parent / "dcp", self.model, self.optimizer)
         else:

@@ -214,3 +214,29 @@ def test_moe_language_model_adds_and_logs_its_auxiliary_losses(tmp_path):
     from structlin import collect_aux
 
     assert collect_aux(trainer.model).loss is None
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_resumes(tmp_path, tiny_config):
+    # An older structlin stored a config without train.compile_mode and hashed it without that
+    # field; read with today's defaults it is the same config, so the run resumes exactly.
+    full = tmp_path / "full"
+    Trainer(tiny_config(), full, log=None).fit()
+    part = tmp_path / "part"
+    t = Trainer(tiny_config(), part, log=None)
+    after_step(t, lambda step: setattr(t, "_stop_signal", signal.SIGTERM) if step == 5 else None)
+    t.fit()
+    ckpt = part / "checkpoints" / "last.pt"
+    state = load_checkpoint(ckpt)
+    del state["config"]["train"]["compile_mode"]
+    state["config_hash"] = "written-by-old"
+    torch.save(state, ckpt)
+    Trainer(tiny_config(), part, resume=True, log=None).fit()
+    assert [r["test_loss"] for r in rows(part)] == [r["test_loss"] for r in rows(full)]
+    state["config"]["optim"]["lr"] = 1.0  # a config that really differs is still refused
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match="different config"):
+        Trainer(tiny_config(), part, resume=True, log=None).fit()
+    state["config"]["train"]["no_such_field"] = 1
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match="does not read in this version"):
+        Trainer(tiny_config(), part, resume=True, log=None).fit()
