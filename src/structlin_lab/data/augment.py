@@ -29,6 +29,7 @@ __all__ = [
     "random_resized_crop",
     "resized_crop",
     "sample_beta",
+    "sample_crop_box",
     "sample_crop_boxes",
     "sample_mixup",
     "smooth_one_hot",
@@ -71,6 +72,46 @@ def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[
     return height, width
 
 
+def _check_crop_bounds(scale: tuple[float, float], ratio: tuple[float, float]) -> None:
+    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(
+            f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}"
+        )
+
+
+def sample_crop_box(
+    height: int,
+    width: int,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator,
+) -> tuple[int, int, int, int]:
+    """One box ``(top, left, h, w)``: the box ``sample_crop_boxes(1, ...)`` gives from the same
+    generator state, with the same draws consumed, worked out in Python floats.
+
+    For one image at a time (a data-loader worker cropping each decoded JPEG) the dozen small
+    tensor ops of the batched sampler cost more than the arithmetic; see
+    :func:`sample_crop_boxes` for the semantics and arguments.
+    """
+    _check_crop_bounds(scale, ratio)
+    f64 = {"dtype": torch.float64, "device": generator.device, "generator": generator}
+    u_area = torch.rand(_CROP_TRIES, **f64).tolist()
+    u_ratio = torch.rand(_CROP_TRIES, **f64).tolist()
+    u_top, u_left = torch.rand(2, **f64).tolist()
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for ua, ur in zip(u_area, u_ratio, strict=True):
+        area = float(height * width) * (scale[0] + (scale[1] - scale[0]) * ua)
+        aspect = math.exp(log_lo + (log_hi - log_lo) * ur)
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(math.floor(u_top * (height - h + 1)), height - h)
+            left = min(math.floor(u_left * (width - w + 1)), width - w)
+            return top, left, h, w
+    h, w = _fallback_box(height, width, ratio)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 def sample_crop_boxes(
     batch: int,
     height: int,
@@ -99,10 +140,7 @@ def sample_crop_boxes(
         ``(B, 4)`` int64 ``[top, left, h, w]`` with ``0 <= top``, ``top + h <= H`` (same for width)
         and ``h, w >= 1``.
     """
-    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
-        raise ValueError(
-            f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}"
-        )
+    _check_crop_bounds(scale, ratio)
     # float64 mirrors torchvision's Python-float arithmetic, so rounding decisions match it.
     f64 = {"dtype": torch.float64, "device": generator.device, "generator": generator}
     u_area = torch.rand(batch, _CROP_TRIES, **f64)

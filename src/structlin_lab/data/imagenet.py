@@ -26,7 +26,7 @@ device afterwards (:class:`~structlin_lab.data.stream.StreamingImageBatches`).
 Transforms (no torchvision needed; they follow torchvision's PIL code paths):
 
 - train: ``RandomResizedCrop(S, scale=(0.08, 1), ratio=(3/4, 4/3))``, its box drawn by
-  :func:`~structlin_lab.data.augment.sample_crop_boxes` (torchvision's sampling: 10 tries, then
+  :func:`~structlin_lab.data.augment.sample_crop_box` (torchvision's sampling: 10 tries, then
   the central fallback), then a horizontal flip with probability 0.5.
 - val: resize the shorter side to ``int(S / 0.875)`` (256 for 224), then a ``S x S`` centre crop.
 
@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
 
-from .augment import derive_seed, sample_crop_boxes
+from .augment import derive_seed, sample_crop_box
 
 __all__ = [
     "IMAGENET_MEAN_255",
@@ -174,8 +174,7 @@ def _eval_crop(img: Any, size: int) -> Any:
 def _train_crop(img: Any, size: int, generator: torch.Generator) -> Any:
     """Random resized crop to ``size x size``, then a horizontal flip with probability 0.5."""
     image = _require_pillow()
-    box = sample_crop_boxes(1, img.height, img.width, generator=generator)
-    top, left, h, w = box[0].tolist()
+    top, left, h, w = sample_crop_box(img.height, img.width, generator=generator)
     img = img.crop((left, top, left + w, top + h)).resize((size, size), image.Resampling.BICUBIC)
     if torch.rand(1, generator=generator).item() < _HFLIP_P:
         img = img.transpose(image.Transpose.FLIP_LEFT_RIGHT)

@@ -15,6 +15,7 @@ from structlin_lab.data.augment import (
     random_resized_crop,
     resized_crop,
     sample_beta,
+    sample_crop_box,
     sample_crop_boxes,
     sample_mixup,
     smooth_one_hot,
@@ -273,3 +274,24 @@ def test_normalize() -> None:
     torch.testing.assert_close(out, ref)
     with pytest.raises(ValueError, match="channels"):
         normalize(x, (1.0,), (1.0,))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 600),
+    st.integers(1, 600),
+    st.integers(0, 2**31),
+    st.sampled_from([(0.08, 1.0), (0.5, 0.9), (2.0, 3.0), (1.0, 1.0)]),
+)
+def test_one_box_equals_the_batched_sampler_and_consumes_the_same_draws(h, w, seed, scale):
+    # (2, 3) forces the fallback; tiny images make rounding to 0 and to the edge common.
+    a, b = _gen(seed), _gen(seed)
+    one = sample_crop_box(h, w, scale=scale, generator=a)
+    batched = sample_crop_boxes(1, h, w, scale=scale, generator=b)[0].tolist()
+    assert list(one) == batched and all(isinstance(v, int) for v in one)
+    assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
+
+
+def test_one_box_refuses_bad_bounds() -> None:
+    with pytest.raises(ValueError, match="scale"):
+        sample_crop_box(8, 8, ratio=(2.0, 1.0), generator=_gen())
