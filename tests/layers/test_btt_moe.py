@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from structlin import make_linear, mup, parse_spec
+from structlin import counting_macs, is_counting_macs, make_linear, mup, parse_spec
 from structlin.aux import clear_aux, collect_aux
 from structlin.layers import BTTLinear
 from structlin.layers.btt_moe import BTTMoELinear, moe_aux_losses, route_top_k
@@ -285,3 +285,18 @@ def test_compiles_without_graph_break():
     (y.sum() + aux.loss).backward()
     assert layer.router.grad.abs().sum() > 0
     clear_aux(layer)
+
+
+def test_counting_macs_counts_the_active_experts_of_a_small_input():
+    # Below SELECTED_MIN_ROWS, "auto" computes every expert and masks: faster, but not the
+    # algorithm macs() describes. Inside counting_macs() the count is the algorithm's.
+    layer = moe(64, 128, experts=8, top_k=2)
+    x = torch.randn(3, 64)
+    with FlopCounterMode(display=False) as small:
+        layer(x)
+    with counting_macs(), FlopCounterMode(display=False) as counted:
+        assert is_counting_macs()
+        layer(x)
+    assert not is_counting_macs()
+    assert counted.get_total_flops() == 2 * layer.macs(3)
+    assert small.get_total_flops() > counted.get_total_flops()  # every expert ran outside

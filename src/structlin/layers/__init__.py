@@ -1,6 +1,6 @@
 """Structured linear layers. Every class honours :class:`StructuredLinear`'s contract."""
 
-from .base import Factor, StructuredLinear, mup_init_std
+from .base import Factor, StructuredLinear, counting_macs, is_counting_macs, mup_init_std
 from .block_diag import BlockDiagLinear
 from .btt import BTTLinear
 from .btt_moe import BTTMoELinear
@@ -35,8 +35,10 @@ __all__ = [
     "TTLinear",
     "WidthPlan",
     "balanced_factors",
+    "counting_macs",
     "format_spec",
     "get_structure",
+    "is_counting_macs",
     "list_structures",
     "make_linear",
     "mup_init_std",

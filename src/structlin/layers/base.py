@@ -35,11 +35,47 @@ from torch import nn
 from ..options import check_positive_int
 from .spec import format_spec
 
-__all__ = ["NORMS", "Factor", "StructuredLinear", "mup_init_std"]
+__all__ = [
+    "NORMS",
+    "Factor",
+    "StructuredLinear",
+    "counting_macs",
+    "is_counting_macs",
+    "mup_init_std",
+]
 
 #: Weight normalisations accepted by the ``norm`` option of every structure.
 NORMS = ("rms_clamp",)
 _NORM_EPS = 1e-8
+# A plain module global rather than a ContextVar: torch.compile traces (and guards on) a global
+# read, but not ContextVar.get. A depth, so that nested blocks restore correctly.
+_counting_depth = 0
+
+
+@contextlib.contextmanager
+def counting_macs():
+    """Run the algorithm that ``macs()`` counts, whatever the input size, inside this block.
+
+    A layer may pick its algorithm by input size: BTT-MoE computes every expert and masks below
+    a few hundred rows, where that is faster than gathering each expert's rows. A FLOP count of
+    one example (``FlopCounterMode``) would then count all experts, not the active ones that a
+    training batch runs. Count inside ``with counting_macs():`` to measure the algorithm::
+
+        with structlin.counting_macs(), FlopCounterMode(display=False) as counter:
+            model(example)
+    """
+    global _counting_depth
+    _counting_depth += 1
+    try:
+        yield
+    finally:
+        _counting_depth -= 1
+
+
+def is_counting_macs() -> bool:
+    """Whether the caller is inside :func:`counting_macs` (layers that choose an algorithm by
+    input size ask this)."""
+    return _counting_depth > 0
 
 
 class Factor(NamedTuple):

@@ -14,7 +14,7 @@ from torch import nn
 from ..aux import add_aux_loss, add_aux_stat
 from ..kernels.btt import btt2_matmul
 from ..options import check_positive_int
-from .base import StructuredLinear
+from .base import StructuredLinear, is_counting_macs
 from .factorize import DEFAULT_PAD_TOLERANCE, plan_widths
 from .registry import register_structure
 
@@ -288,6 +288,8 @@ class BTTMoELinear(StructuredLinear):
     def _selected_only(self, rows: int) -> bool:
         if self.compute != "auto":
             return self.compute == "selected"
+        if is_counting_macs():  # count the algorithm (the active experts), not the small case
+            return True
         return rows >= SELECTED_MIN_ROWS and not torch.compiler.is_compiling()
 
     def to_dense(self) -> torch.Tensor:

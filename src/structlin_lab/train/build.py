@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from structlin import BTTMoELinear, mup, structurize
+from structlin import counting_macs, mup, structurize
 
 from .config import Config
 
@@ -188,18 +188,14 @@ def forward_macs(model: nn.Module, example: torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     was = model.training
-    # A one-example input is below BTTMoELinear.SELECTED_MIN_ROWS, where "auto" runs every expert
-    # and masks; the count must be the algorithm's (the k active experts), as training runs it.
-    moes = [m for m in model.modules() if isinstance(m, BTTMoELinear) and m.compute == "auto"]
     model.eval()
-    try:
-        for m in moes:
-            m.compute = "selected"
-        with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
+    try:  # counting_macs: layers that choose by input size run what a training batch runs
+        with (
+            counting_macs(),
+            FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter,
+        ):
             model(example)
     finally:
-        for m in moes:
-            m.compute = "auto"
         model.train(was)
     return int(counter.get_total_flops()) // 2
 
