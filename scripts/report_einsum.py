@@ -268,19 +268,21 @@ def figures(cifar, gpt2, moe_rows, fig_dir: Path) -> list[Path]:
 
 def _theta_panel(ax: Any, rows: list[dict[str, Any]], y: str) -> None:
     """One line per θ point (seed means per width; bars: seed standard deviation), coloured by
-    ω, dashed where ψ < 1, dense in black."""
+    ω, dashed where ψ < 1, dense in black, a marker of its own each."""
     import matplotlib.pyplot as plt
 
     spread = {(c["group"], c["width"]): c["sd"] for c in seed_spread(rows, y)}
     macs = {(r["group"], int(r["width"])): r["train_macs"] for r in rows}
-    for g, (C, v) in points_by_structure(rows, y=y, by="group").items():
+    markers = "osv^DPX*h<>"
+    for i, (g, (C, v)) in enumerate(points_by_structure(rows, y=y, by="group").items()):
         tax = theta_of(next(r["structure"] for r in rows if r["group"] == g))[1]
         style = {"color": plt.get_cmap("viridis")(tax.omega * 1.6)}
         style["ls"] = "-" if tax.psi == 1 else "--"
         if g.startswith("dense"):
             style = {"color": "k", "lw": 2}
         sd = [_sd_at(spread, macs, g, c) for c in C]
-        ax.errorbar(C, v, yerr=sd, marker="o", ms=3, capsize=2, label=g, **style)
+        marker = markers[i % len(markers)]
+        ax.errorbar(C, v, yerr=sd, marker=marker, ms=4, capsize=2, label=g, **style)
 
 
 def _sd_at(spread: dict, macs: dict, group: str, C: float) -> float:
