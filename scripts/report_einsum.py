@@ -126,6 +126,8 @@ def _fit_columns(points: dict, group: str, reference: str, short: str) -> dict[s
     out |= {f"b_{short}": fit.b, f"b_{short}_se": fit.b_stderr}
     if group == reference:
         return out | {f"mult_{short}": "reference", f"mult_{short}_x": 1.0}
+    if fit.b <= 0:  # solving a law that does not fall for the reference's level means nothing
+        return out | {f"mult_{short}": "never (no fall with compute)", f"mult_{short}_x": nan}
     C_ref, v_ref = points[reference]
     level = float(fit_power_law(C_ref, v_ref).predict(np.array([C_ref.max()]))[0])
     m = bootstrap_multiplier(points[reference], (C, v), level, n_boot=2000)
@@ -313,12 +315,12 @@ def report_theta(rows: list[dict[str, Any]], ys: dict[str, str], reference: str,
     """Print the θ table and the exponents' and multipliers' rank correlations with ω, ψ, ν."""
     table = theta_table(rows, ys, reference)
     _print_rows(f"{title}: exponents b (y = a C^-b) and multipliers vs {reference}", table)
-    structured = [t for t in table if t["group"] != reference and math.isfinite(t["mult_test_x"])]
     for short in ys:
         for what in ("b", "mult"):  # the exponent, and the multiplier (y at fixed compute)
             key = f"b_{short}" if what == "b" else f"mult_{short}_x"
-            values = [t[key] for t in structured]
-            corr = [_spearman(values, [t[x] for t in structured]) for x in ("omega", "psi", "nu")]
+            pts = [t for t in table if t["group"] != reference and math.isfinite(t[key])]
+            values = [t[key] for t in pts]
+            corr = [_spearman(values, [t[x] for t in pts]) for x in ("omega", "psi", "nu")]
             print(f"Spearman({short} {what}; ω, ψ, ν) = " + ", ".join(f"{v:+.2f}" for v in corr))
     return table
 

@@ -252,13 +252,13 @@ def test_spearman_gives_tied_values_their_mean_rank(einsum_report):
     assert einsum_report._spearman([0, 0, 0.5], [2, 1, 3]) == pytest.approx(0.8660254)
 
 
-def _theta_rows(group: str, spec: str, shift: float, widths, seeds=(0, 1, 2), noise=0.01):
-    """Finished runs whose loss is 10 (shift * C)^-0.1, times a per-seed wobble."""
+def _theta_rows(group: str, spec: str, shift: float, widths, seeds=(0, 1, 2), noise=0.01, b=0.1):
+    """Finished runs whose loss is 10 (shift * C)^-b, times a per-seed wobble."""
     rows = []
     for i, w in enumerate(widths):
         C = 1e12 * 2.0**i
         for s in seeds:
-            loss = 10 * (shift * C) ** -0.1 * (1 + noise * (s - 1))
+            loss = 10 * (shift * C) ** -b * (1 + noise * (s - 1))
             rows.append(
                 {
                     "group": group,
@@ -289,12 +289,15 @@ def test_theta_table_fits_every_seed_and_reads_the_multiplier_against_dense(eins
     rows = _theta_rows("dense", "dense", 1.0, [96, 128, 192, 256])
     rows += _theta_rows("btt", "einsum:theta=btt", 4.0, [128, 192, 256, 512])
     rows += _theta_rows("tt", "einsum:theta=tt", 2.0, [128, 192])  # too few widths to fit
+    rows += _theta_rows("lr", "einsum:theta=1/0/0/0/1/0/0.5", 1.0, [128, 192, 256], b=-0.02)
     points = einsum_report.run_points(rows, "final_test_loss")
     assert points["btt"][0].size == 12  # every seed is a point of its own
     table = {
         t["group"]: t for t in einsum_report.theta_table(rows, {"test": "final_test_loss"}, "dense")
     }
-    assert list(table) == ["dense", "btt", "tt"]
+    assert list(table) == ["dense", "btt", "lr", "tt"]
+    assert table["lr"]["b_test"] < 0  # loss that rises with compute: no multiplier to read
+    assert table["lr"]["mult_test"].startswith("never") and math.isnan(table["lr"]["mult_test_x"])
     assert table["btt"]["b_test"] == pytest.approx(0.1, abs=2e-3)
     assert table["btt"]["b_test_se"] > 0  # the seed wobble is noise the fit sees
     assert table["btt"]["mult_test_x"] == pytest.approx(4.0, rel=0.05)
