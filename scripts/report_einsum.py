@@ -322,6 +322,9 @@ def report_theta(rows: list[dict[str, Any]], ys: dict[str, str], reference: str,
             values = [t[key] for t in pts]
             corr = [_spearman(values, [t[x] for t in pts]) for x in ("omega", "psi", "nu")]
             print(f"Spearman({short} {what}; ω, ψ, ν) = " + ", ".join(f"{v:+.2f}" for v in corr))
+            full = [t for t in pts if t["psi"] == 1]  # ω apart from ψ: every ω > 0 has ψ = 1
+            rho = _spearman([t[key] for t in full], [t["omega"] for t in full])
+            print(f"  at ψ = 1 ({len(full)} points): Spearman({short} {what}; ω) = {rho:+.2f}")
     return table
 
 
