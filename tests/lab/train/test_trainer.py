@@ -67,6 +67,9 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(fake_cifar, tmp_path, ti
 def test_real_signal_saves_and_exits_cleanly(fake_cifar, tmp_path, tiny_config):
     run = tmp_path / "sig"
     t = Trainer(tiny_config(), run, log=None)
+    # Whatever SIGINT did before (the default handler; SIG_IGN when pytest runs in the background
+    # of a non-interactive shell), fit() must put it back.
+    before = signal.getsignal(signal.SIGINT)
 
     def send(step):
         if step == 2:
@@ -76,7 +79,7 @@ def test_real_signal_saves_and_exits_cleanly(fake_cifar, tmp_path, tiny_config):
     result = t.fit()
     assert result["status"] == "interrupted" and result["step"] == 3
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 @pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)` has been overridden")
