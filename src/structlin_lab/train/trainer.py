@@ -166,8 +166,7 @@ class Trainer:
             if saved.is_file():
                 import yaml
 
-                old = Config.from_dict(yaml.safe_load(saved.read_text()))
-                if config_hash(old) != config_hash(self.cfg):
+                if not self._same_config(yaml.safe_load(saved.read_text()), str(saved)):
                     raise ValueError(
                         f"cannot resume {self.out}: it was started with a different config "
                         f"(compare {saved}); start a new run directory or pass the same config"
@@ -259,22 +258,27 @@ class Trainer:
             save_checkpoint(self.ckpt_path, state)
         return self.ckpt_path
 
-    def _check_checkpoint_config(self, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another config. The config it stores is read with today's
-        fields and defaults, so a checkpoint written before a config field was added still
-        resumes; only one without a stored config falls back to the stored hash."""
-        saved = state.get("config")
+    def _same_config(self, saved: Any, source: str) -> bool:
+        """Whether a stored config (a dict) is this run's config. It is read with today's fields
+        and defaults, so a config written before a field was added still matches; one with a
+        field this version no longer has gets a clear error."""
         try:
-            same = (
-                config_hash(Config.from_dict(saved)) == config_hash(self.cfg)
-                if isinstance(saved, dict)
-                else state.get("config_hash") == config_hash(self.cfg)
-            )
-        except ValueError as e:  # a field this version no longer has
+            return config_hash(Config.from_dict(saved)) == config_hash(self.cfg)
+        except ValueError as e:
             raise ValueError(
-                f"cannot resume {self.out}: its checkpoint's config does not read in this "
+                f"cannot resume {self.out}: the config in {source} does not read in this "
                 f"version of structlin ({e}); start a new run directory"
             ) from e
+
+    def _check_checkpoint_config(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another config; only a checkpoint without a stored config
+        falls back to the hash it stored."""
+        saved = state.get("config")
+        same = (
+            self._same_config(saved, str(self.ckpt_path))
+            if isinstance(saved, dict)
+            else state.get("config_hash") == config_hash(self.cfg)
+        )
         if not same:
             raise ValueError(
                 f"cannot resume {self.out}: the checkpoint was written with a different config"
