@@ -11,8 +11,8 @@ prints, and writes as CSV/JSON:
   test and train error against training MACs, with standard error, and its compute multiplier
   against dense with a bootstrap interval; the exponents' rank correlation with ω and ψ; the
   compute-optimal frontier of ω = 0 points against ω > 0 points;
-* the θ sweep (GPT-2 on Austen, characters): the same table for validation loss (seeds averaged
-  per width before fitting), the seed-to-seed spread per width, and the rank correlations;
+* the θ sweep (GPT-2 on Austen, characters): the same table for validation loss (every seed's
+  run a point of the fits), the seed-to-seed spread per width, and the rank correlations;
 * the MoE comparison (GPT-2 on Austen): validation loss against active training MACs for dense,
   a top-2-of-8 dense MoE, BTT rank 2 and BTT-MoE (8 experts, top 2), fits and multipliers.
 
@@ -37,7 +37,6 @@ from structlin_lab.scaling import (
     compute_multipliers,
     fit_by_structure,
     fit_power_law,
-    points_by_structure,
     read_metrics,
     write_table,
 )
@@ -103,14 +102,18 @@ def theta_table(
         table[g].update(theta=str(theta), omega=tax.omega, psi=tax.psi, nu=tax.nu)
     for short, y in ys.items():
         points = run_points(rows, y)
+        C_ref, v_ref = points[reference]
+        level = float(fit_power_law(C_ref, v_ref).predict(np.array([C_ref.max()]))[0])
         for g in groups:
-            table[g].update(_fit_columns(points, g, reference, short))
+            table[g].update(_fit_columns(points, g, reference, level, short))
     return list(table.values())
 
 
-def _fit_columns(points: dict, group: str, reference: str, short: str) -> dict[str, Any]:
-    """Exponent, multiplier against ``reference`` (at the reference fit's value at its largest
-    compute) and the best run of one θ point; NaN / "n/a" below 3 distinct widths."""
+def _fit_columns(
+    points: dict, group: str, reference: str, level: float, short: str
+) -> dict[str, Any]:
+    """Exponent, multiplier against ``reference`` at ``level`` (the reference fit's value at its
+    largest compute) and the best run of one θ point; NaN / "n/a" below 3 distinct widths."""
     nan = float("nan")
     C, v = points.get(group, (np.array([nan]), np.array([nan])))
     out = {f"n_{short}": int(np.isfinite(C).sum()), f"best_{short}": float(np.nanmin(v))}
@@ -128,8 +131,6 @@ def _fit_columns(points: dict, group: str, reference: str, short: str) -> dict[s
         return out | {f"mult_{short}": "reference", f"mult_{short}_x": 1.0}
     if fit.b <= 0:  # solving a law that does not fall for the reference's level means nothing
         return out | {f"mult_{short}": "never (no fall with compute)", f"mult_{short}_x": nan}
-    C_ref, v_ref = points[reference]
-    level = float(fit_power_law(C_ref, v_ref).predict(np.array([C_ref.max()]))[0])
     m = bootstrap_multiplier(points[reference], (C, v), level, n_boot=2000)
     return out | {f"mult_{short}": _interval(*m), f"mult_{short}_x": m[0]}
 
@@ -273,27 +274,23 @@ def _theta_panel(ax: Any, rows: list[dict[str, Any]], y: str) -> None:
     ω, dashed where ψ < 1, dense in black, a marker of its own each."""
     import matplotlib.pyplot as plt
 
-    spread = {(c["group"], c["width"]): c["sd"] for c in seed_spread(rows, y)}
     macs = {(r["group"], int(r["width"])): r["train_macs"] for r in rows}
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for c in seed_spread(rows, y):  # sorted by group, then width
+        cells.setdefault(c["group"], []).append(c)
     markers = "osv^DPX*h<>"
-    for i, (g, (C, v)) in enumerate(points_by_structure(rows, y=y, by="group").items()):
+    for i, (g, cs) in enumerate(cells.items()):
         tax = theta_of(next(r["structure"] for r in rows if r["group"] == g))[1]
         style = {"color": plt.get_cmap("viridis")(tax.omega * 1.6)}
         style["ls"] = "-" if tax.psi == 1 else "--"
         if g.startswith("dense"):
             style = {"color": "k", "lw": 2}
-        sd = [_sd_at(spread, macs, g, c) for c in C]
+        C = [macs[(g, c["width"])] for c in cs]
+        sd = [0.0 if math.isnan(c["sd"]) else c["sd"] for c in cs]
         marker = markers[i % len(markers)]
-        ax.errorbar(C, v, yerr=sd, marker=marker, ms=4, capsize=2, label=g, **style)
-
-
-def _sd_at(spread: dict, macs: dict, group: str, C: float) -> float:
-    """The seed spread of the width whose training MACs are ``C`` (0 where unknown)."""
-    for (g, w), m in macs.items():
-        if g == group and math.isclose(m, C, rel_tol=1e-6):
-            sd = spread.get((g, w), float("nan"))
-            return 0.0 if math.isnan(sd) else sd
-    return 0.0
+        ax.errorbar(
+            C, [c["mean"] for c in cs], yerr=sd, marker=marker, ms=4, capsize=2, label=g, **style
+        )
 
 
 def _label(ax: Any, ylabel: str, title: str) -> None:
